@@ -1,0 +1,91 @@
+"""Attention kernels and masks shared by the vision towers and the text decoder.
+
+``attend`` computes softmax(q k^T / sqrt(d)) v with the implementation the model was loaded with: "sdpa"
+(torch's fused kernels, the default), "eager" (plain matmuls; the only one that can return the weights) or
+"flash_attention_2" (the flash-attn package on CUDA). Masks are boolean, True = may attend.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
+
+
+def check_attn_implementation(name: str | None) -> str:
+    name = name or "sdpa"
+    if name not in ATTENTION_IMPLEMENTATIONS:
+        raise ValueError(f"attn_implementation must be one of {ATTENTION_IMPLEMENTATIONS}, got {name!r}")
+    if name == "flash_attention_2":
+        try:
+            import flash_attn  # noqa: F401
+        except ImportError:
+            raise ImportError(
+                "attn_implementation='flash_attention_2' needs the flash-attn package on a CUDA GPU "
+                "(pip install flash-attn); use 'sdpa' (the default) otherwise"
+            ) from None
+    return name
+
+
+def _expand_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """(B, Hkv, S, D) -> (B, Hkv*groups, S, D) for grouped-query attention."""
+    return x if groups == 1 else x.repeat_interleave(groups, dim=1)
+
+
+def attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    implementation: str = "sdpa",
+    causal_no_mask: bool = False,
+    return_weights: bool = False,
+    dropout: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """q (B, H, T, D), k/v (B, Hkv, S, D), mask (B|1, 1, T, S) bool -> out (B, H, T, D), weights or None."""
+    groups = q.shape[1] // k.shape[1]
+    if return_weights or implementation == "eager":
+        k, v = _expand_kv(k, groups), _expand_kv(v, groups)
+        scores = torch.matmul(q, k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+        if mask is not None:
+            scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+        elif causal_no_mask:
+            causal = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril(k.shape[2] - q.shape[2])
+            scores = scores.masked_fill(~causal, torch.finfo(scores.dtype).min)
+        weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+        if mask is not None:  # rows that may attend to nothing give zeros, like SDPA, not a uniform average
+            weights = weights.masked_fill(~mask.any(dim=-1, keepdim=True), 0.0)
+        if dropout:
+            weights = F.dropout(weights, p=dropout)
+        return torch.matmul(weights, v), (weights if return_weights else None)
+    if implementation == "flash_attention_2" and mask is None:
+        from flash_attn import flash_attn_func
+
+        out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout_p=dropout,
+                              causal=causal_no_mask)
+        return out.transpose(1, 2), None
+    k, v = _expand_kv(k, groups), _expand_kv(v, groups)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
+                                         is_causal=causal_no_mask and mask is None)
+    return out, None
+
+
+def decoder_mask(
+    query_slots: torch.Tensor,
+    key_valid: torch.Tensor,
+    sliding_window: int | None = None,
+) -> torch.Tensor:
+    """Boolean (B, 1, T, S) mask: key slot j is visible to query slot i when j <= i, j is not padding, and
+    i - j < window. A query that may see nothing (a left-padding position) gets a zero output, as torch's
+    SDPA gives and transformers therefore returns; it is never used for real tokens.
+
+    query_slots: (T,) cache slot of each query; key_valid: (B, S) bool, False for padding/empty slots.
+    """
+    key_slots = torch.arange(key_valid.shape[1], device=key_valid.device)
+    distance = query_slots[:, None] - key_slots[None, :]  # (T, S)
+    allowed = distance >= 0
+    if sliding_window is not None:
+        allowed = allowed & (distance < sliding_window)
+    mask = allowed[None] & key_valid[:, None, :]  # (B, T, S)
+    return mask[:, None]
