@@ -439,8 +439,13 @@ def sample_scene(rng: random.Random, width: int = 64, height: int | None = None,
             size = rng.uniform(*band) * side
             r = size / 2
             for _try in range(40):
-                cx = rng.uniform(r + 2, width - r - 2)
-                cy = rng.uniform(r + 2, height - r - 2)
+                if not placed and _try == 0 and rng.random() < 0.15:
+                    # Uniform placement almost never lands a shape in the centre; "center" answers need some.
+                    cx = width / 2 + rng.uniform(-0.06, 0.06) * width
+                    cy = height / 2 + rng.uniform(-0.06, 0.06) * height
+                else:
+                    cx = rng.uniform(r + 2, width - r - 2)
+                    cy = rng.uniform(r + 2, height - r - 2)
                 if all(math.hypot(cx - px, cy - py) >= r + pr + gap for px, py, pr in placed):
                     placed.append((cx, cy, r))
                     break
@@ -610,7 +615,8 @@ def _some_color(scene, rng, p_present=0.85):
 
 
 def _count_question(scene, rng, phr):
-    mode = rng.choices(["all", "shape", "color", "both"], weights=[0.4, 0.3, 0.2, 0.1], k=1)[0]
+    # Counting everything is weighted up: counts of one kind or colour are mostly "1" (kinds rarely repeat).
+    mode = rng.choices(["all", "shape", "color", "both"], weights=[0.55, 0.2, 0.15, 0.1], k=1)[0]
     target: dict[str, str] = {}
     if mode in ("shape", "both"):
         target["shape"] = _some_kind(scene, rng)
