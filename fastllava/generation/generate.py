@@ -1,0 +1,109 @@
+"""``model.generate(**inputs, ...)``: transformers' generate() contract on the shared decoding core.
+
+Returns the prompt ids followed by the new ids (B, T + N), like transformers. Greedy decoding reproduces
+transformers' tokens exactly; sampling is reproducible from ``seed`` or a ``generator``. Rows that finished
+(end-of-sequence token or stop string) are padded with ``pad_token_id`` while the others continue.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from fastllava.generation.config import GenerationConfig
+from fastllava.generation.sampling import SamplingSettings, choose_tokens, process_scores
+from fastllava.generation.session import DecodeSession
+from fastllava.generation.stopping import StopStringMatcher
+
+_IGNORED_MODEL_KWARGS = {"image_sizes", "token_type_ids", "use_cache", "return_dict_in_generate", "output_scores"}
+
+
+def resolve_generation_config(model, generation_config: GenerationConfig | None, kwargs: dict[str, Any]) -> GenerationConfig:
+    base = generation_config or getattr(model, "generation_config", None) or GenerationConfig.from_model_config(model.config)
+    config = base.copy()
+    unknown = config.update(**{k: v for k, v in kwargs.items() if k in GenerationConfig.defaults})
+    assert not unknown
+    return config
+
+
+def generate(
+    model,
+    input_ids: torch.Tensor | None = None,
+    pixel_values: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+    generation_config: GenerationConfig | None = None,
+    streamer: Any = None,
+    tokenizer: Any = None,
+    generator: torch.Generator | None = None,
+    seed: int | None = None,
+    vision_feature_layer: Any = None,
+    vision_feature_select_strategy: str | None = None,
+    **kwargs: Any,
+) -> torch.Tensor:
+    if input_ids is None:
+        raise ValueError("generate() needs input_ids (use the processor to build them)")
+    settings_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in GenerationConfig.defaults}
+    for key in list(kwargs):
+        if key in _IGNORED_MODEL_KWARGS:
+            kwargs.pop(key)
+    if kwargs:
+        raise TypeError(f"generate() got unexpected arguments: {sorted(kwargs)}")
+    config = resolve_generation_config(model, generation_config, settings_kwargs)
+    eos_ids = config.eos_token_ids()
+    pad_id = config.pad_token_id if config.pad_token_id is not None else (eos_ids[0] if eos_ids else 0)
+    prompt_len = input_ids.shape[1]
+    max_new = config.max_new_tokens if config.max_new_tokens is not None else config.max_length - prompt_len
+    if max_new <= 0:
+        raise ValueError(
+            f"nothing to generate: the prompt has {prompt_len} tokens and max_length is {config.max_length}; "
+            "pass max_new_tokens"
+        )
+    settings = SamplingSettings(
+        do_sample=bool(config.do_sample), temperature=float(config.temperature or 1.0), top_k=config.top_k,
+        top_p=float(config.top_p if config.top_p is not None else 1.0),
+        repetition_penalty=float(config.repetition_penalty or 1.0), min_new_tokens=int(config.min_new_tokens or 0),
+        eos_token_ids=eos_ids,
+    )
+    settings.validate()
+    if generator is None and seed is not None:
+        generator = torch.Generator(device=model.device).manual_seed(int(seed))
+    stops = StopStringMatcher(config.stop_strings, tokenizer)
+    max_positions = getattr(model.config.text_config, "max_position_embeddings", None)
+    if max_positions and prompt_len + max_new > max_positions and model.config.text_config.rope_parameters["rope_type"] != "dynamic":
+        raise ValueError(
+            f"prompt ({prompt_len} tokens) + max_new_tokens ({max_new}) exceeds the model's context of "
+            f"{max_positions} positions"
+        )
+
+    batch = input_ids.shape[0]
+    session = DecodeSession(model, batch, prompt_len + max_new)
+    if streamer is not None:
+        streamer.put(input_ids.cpu())
+    logits = session.extend(input_ids, attention_mask, pixel_values,
+                            vision_feature_layer=vision_feature_layer,
+                            vision_feature_select_strategy=vision_feature_select_strategy)
+    history = input_ids.to(model.device)
+    unfinished = torch.ones(batch, dtype=torch.bool, device=model.device)
+    eos_tensor = torch.tensor(eos_ids, device=model.device) if eos_ids else None
+    new_tokens: list[list[int]] = [[] for _ in range(batch)]
+    for step in range(max_new):
+        scores = process_scores(logits, history, step, settings)
+        tokens = choose_tokens(scores, settings, generator)
+        tokens = torch.where(unfinished, tokens, torch.full_like(tokens, pad_id))
+        history = torch.cat([history, tokens[:, None]], dim=1)
+        if streamer is not None:
+            streamer.put(tokens.cpu())
+        if eos_tensor is not None:
+            unfinished &= ~torch.isin(tokens, eos_tensor)
+        if stops:
+            for row, token in enumerate(tokens.tolist()):
+                new_tokens[row].append(token)
+                if unfinished[row] and stops.completed_by_last_token(new_tokens[row]):
+                    unfinished[row] = False
+        if not bool(unfinished.any()) or step == max_new - 1:
+            break
+        logits = session.step(tokens)
+    if streamer is not None:
+        streamer.end()
+    return history
