@@ -340,3 +340,16 @@ def test_template_helpers_and_sandbox():
         render_chat_template([[]], "{% set ns = namespace(_x=1) %}")
     template = compile_chat_template("{{ 1 }}")
     assert compile_chat_template("{{ 1 }}") is template  # compiled once
+
+
+def test_runtime_never_imports_transformers():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, fastllava\n"
+        "from fastllava import AutoTokenizer, Tokenizer, LlavaProcessor, AutoProcessor\n"
+        "import fastllava.chat_template\n"
+        "assert 'transformers' not in sys.modules, 'fastllava imported transformers'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
