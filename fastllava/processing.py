@@ -586,10 +586,12 @@ def _write_json(path: Path, data: dict[str, Any]) -> str:
 
 
 def _looks_like_text(value: Any) -> bool:
-    return isinstance(value, str) and not _is_image_reference(value) or (
-        isinstance(value, (list, tuple)) and bool(value) and all(isinstance(v, str) for v in value)
-        and any(not _is_image_reference(v) for v in value)
-    )
+    """A prompt or a list of prompts (strings that are not image paths/URLs)."""
+    if isinstance(value, str):
+        return not _is_image_reference(value)
+    if isinstance(value, (list, tuple)) and value and all(isinstance(v, str) for v in value):
+        return any(not _is_image_reference(v) for v in value)
+    return False
 
 
 def _is_image_reference(value: str) -> bool:

@@ -280,6 +280,7 @@ class Tokenizer:
         self.config = dict(config or {})  # the tokenizer_config.json this came from, kept for save_pretrained
         self.name_or_path = name_or_path
         self._processor_class: str | None = self.config.get("processor_class")
+        self._pipeline = "as_is"  # which transformers class this pipeline matches (see _pipeline_kind)
 
     # --- loading -------------------------------------------------------------------------------------------------------
 
@@ -410,7 +411,7 @@ class Tokenizer:
         if chat_template is None:
             chat_template = _config_chat_template(config.get("chat_template"))
         model_max_length = config.get("model_max_length", config.get("max_len"))
-        return cls(
+        tokenizer = cls(
             backend,
             special_tokens=special,
             extra_special_tokens=[t for t in extra if t is not None],
@@ -424,6 +425,8 @@ class Tokenizer:
             config=saved_config,
             name_or_path=str(directory),
         )
+        tokenizer._pipeline = kind
+        return tokenizer
 
     # --- special tokens ----------------------------------------------------------------------------------------------
 
@@ -842,7 +845,11 @@ class Tokenizer:
             }
             for index, token in self.added_tokens_decoder.items()
         }
-        config.setdefault("tokenizer_class", "PreTrainedTokenizerFast")
+        declared = (config.get("tokenizer_class") or "").removesuffix("Fast")
+        if not declared or (self._pipeline == "as_is" and declared in ("LlamaTokenizer", "Qwen2Tokenizer")):
+            # The file's pipeline is used as it is (e.g. loaded from a llava checkpoint): name the generic class
+            # so that transformers (4 and 5) reloads it as it is rather than rebuilding a Llama/Qwen2 pipeline.
+            config["tokenizer_class"] = "PreTrainedTokenizerFast"
         if self._processor_class is not None:
             config["processor_class"] = self._processor_class
         written = []

@@ -203,7 +203,7 @@ def test_pad_collates_like_transformers(pair):
     assert got["input_ids"] == expected["input_ids"] and got["attention_mask"] == expected["attention_mask"]
 
 
-@pytest.mark.parametrize("name", ["llava15", "interleave"])
+@pytest.mark.parametrize("name", ["llava15", "interleave", "llava15_legacy_json_in_checkpoint"])
 def test_save_pretrained_round_trip(pair, tmp_path, name):
     ref, ours = pair(name)
     ours.save_pretrained(tmp_path)
