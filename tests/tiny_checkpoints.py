@@ -104,3 +104,27 @@ def sample_inputs(batch: int = 2, length: int = 30, image_tokens: int = 16, pad:
         ids[row, p + 2: p + 2 + image_tokens] = image_token
     pixels = torch.randn(batch, 3, IMAGE_SIZE, IMAGE_SIZE, generator=generator)
     return ids, mask, pixels
+
+
+FULL_CHECKPOINTS = {
+    # name: (model family, tokenizer style)
+    "llava15": ("clip_llama", "llava15"),
+    "interleave": ("siglip_qwen2", "interleave"),
+}
+
+
+def make_full_checkpoint(directory: Path, name: str, seed: int = 0) -> Path:
+    """A complete tiny checkpoint: transformers-made model + processor files (tokenizer, chat template, image
+    processor) in one directory, like a llava-hf repo. Images are 28 px with 7 px patches: 16 placeholders."""
+    from tiny_tokenizers import TOKENIZER_SPECS, save_processor_files
+
+    family, style = FULL_CHECKPOINTS[name]
+    spec = TOKENIZER_SPECS[style]
+    model = build_hf_model(family, vocab=spec["len"], image_token=spec["image_token_id"], seed=seed)
+    text = model.config.text_config
+    for key in ("eos_token_id", "pad_token_id", "bos_token_id"):
+        setattr(text, key, spec.get(key))
+        model.generation_config.__setattr__(key, spec.get(key))
+    model.save_pretrained(directory)
+    save_processor_files(directory, style, patch_size=PATCH, image_size=IMAGE_SIZE)
+    return directory

@@ -60,7 +60,7 @@ def generate(
             "pass max_new_tokens"
         )
     settings = SamplingSettings(
-        do_sample=bool(config.do_sample), temperature=float(config.temperature or 1.0), top_k=config.top_k,
+        do_sample=bool(config.do_sample), temperature=float(config.temperature if config.temperature is not None else 1.0), top_k=config.top_k,
         top_p=float(config.top_p if config.top_p is not None else 1.0),
         repetition_penalty=float(config.repetition_penalty or 1.0), min_new_tokens=int(config.min_new_tokens or 0),
         eos_token_ids=eos_ids,
