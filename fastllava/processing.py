@@ -400,6 +400,7 @@ class LlavaProcessor:
         directory = resolve_pretrained_dir(
             name_or_path,
             allow_patterns=_PROCESSOR_FILE_PATTERNS,
+            required=("tokenizer.json", ("processor_config.json", "preprocessor_config.json")),
             cache_dir=cache_dir,
             revision=revision,
             local_files_only=local_files_only,

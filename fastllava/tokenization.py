@@ -71,6 +71,7 @@ def resolve_pretrained_dir(
     name_or_path: str | os.PathLike,
     *,
     allow_patterns: Sequence[str] | None = None,
+    required: Sequence[str | tuple[str, ...]] = (),
     cache_dir: str | os.PathLike | None = None,
     revision: str | None = None,
     local_files_only: bool = False,
@@ -78,8 +79,9 @@ def resolve_pretrained_dir(
 ) -> Path:
     """A local directory for ``name_or_path``: the path itself, or the snapshot of a hub id.
 
-    Hub ids are looked up in the local huggingface cache first and downloaded (only ``allow_patterns``) only when
-    they are not there and ``local_files_only`` is False.
+    Hub ids are looked up in the local huggingface cache first; only when the cached snapshot is missing or lacks a
+    ``required`` file (a name, or a tuple of alternatives) and ``local_files_only`` is False are the files matching
+    ``allow_patterns`` downloaded.
     """
     path = Path(name_or_path)
     if path.is_dir():
@@ -88,6 +90,12 @@ def resolve_pretrained_dir(
         raise OSError(f"{name_or_path} is a file; give the directory that holds the checkpoint's files.")
     from huggingface_hub import snapshot_download
 
+    def complete(directory: Path) -> bool:
+        return all(
+            any((directory / name).is_file() for name in ((need,) if isinstance(need, str) else need))
+            for need in required
+        )
+
     kwargs = dict(
         repo_id=str(name_or_path),
         allow_patterns=list(allow_patterns) if allow_patterns else None,
@@ -95,20 +103,24 @@ def resolve_pretrained_dir(
         revision=revision,
         token=token,
     )
+    cached_error: Exception | None = None
     try:
-        return Path(snapshot_download(local_files_only=True, **kwargs))
-    except Exception as cached_error:  # not in the cache (or a partial snapshot)
+        cached = Path(snapshot_download(local_files_only=True, **kwargs))
+        if complete(cached) or local_files_only:
+            return cached
+    except Exception as error:  # not in the cache
+        cached_error = error
         if local_files_only:
             raise OSError(
                 f"{name_or_path!r} is neither a local directory nor in the local hub cache (local_files_only=True)."
-            ) from cached_error
+            ) from error
     try:
         return Path(snapshot_download(**kwargs))
     except Exception as error:
         raise OSError(
             f"Could not find {name_or_path!r}: it is not a local directory and downloading it from the Hugging Face "
             f"hub failed ({type(error).__name__}: {error})."
-        ) from error
+        ) from (cached_error or error)
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -299,6 +311,7 @@ class Tokenizer:
         directory = resolve_pretrained_dir(
             name_or_path,
             allow_patterns=_TOKENIZER_FILE_PATTERNS,
+            required=("tokenizer.json",),
             cache_dir=cache_dir,
             revision=revision,
             local_files_only=local_files_only,
