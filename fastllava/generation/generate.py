@@ -22,9 +22,28 @@ _IGNORED_MODEL_KWARGS = {"image_sizes", "token_type_ids", "use_cache", "return_d
 def resolve_generation_config(model, generation_config: GenerationConfig | None, kwargs: dict[str, Any]) -> GenerationConfig:
     base = generation_config or getattr(model, "generation_config", None) or GenerationConfig.from_model_config(model.config)
     config = base.copy()
-    unknown = config.update(**{k: v for k, v in kwargs.items() if k in GenerationConfig.defaults})
-    assert not unknown
+    config.update(**{k: v for k, v in kwargs.items() if k in GenerationConfig.defaults})
     return config
+
+
+def sampling_settings(config: GenerationConfig) -> SamplingSettings:
+    """The per-step token-choice settings of a generation config, validated."""
+    settings = SamplingSettings(
+        do_sample=bool(config.do_sample),
+        temperature=float(config.temperature if config.temperature is not None else 1.0),
+        top_k=config.top_k,
+        top_p=float(config.top_p if config.top_p is not None else 1.0),
+        repetition_penalty=float(config.repetition_penalty or 1.0),
+        min_new_tokens=int(config.min_new_tokens or 0),
+        eos_token_ids=config.eos_token_ids(),
+    )
+    settings.validate()
+    return settings
+
+
+def pad_token_for(config: GenerationConfig) -> int:
+    eos_ids = config.eos_token_ids()
+    return config.pad_token_id if config.pad_token_id is not None else (eos_ids[0] if eos_ids else 0)
 
 
 def generate(
@@ -50,8 +69,7 @@ def generate(
     if kwargs:
         raise TypeError(f"generate() got unexpected arguments: {sorted(kwargs)}")
     config = resolve_generation_config(model, generation_config, settings_kwargs)
-    eos_ids = config.eos_token_ids()
-    pad_id = config.pad_token_id if config.pad_token_id is not None else (eos_ids[0] if eos_ids else 0)
+    pad_id = pad_token_for(config)
     prompt_len = input_ids.shape[1]
     max_new = config.max_new_tokens if config.max_new_tokens is not None else config.max_length - prompt_len
     if max_new <= 0:
@@ -59,13 +77,7 @@ def generate(
             f"nothing to generate: the prompt has {prompt_len} tokens and max_length is {config.max_length}; "
             "pass max_new_tokens"
         )
-    settings = SamplingSettings(
-        do_sample=bool(config.do_sample), temperature=float(config.temperature if config.temperature is not None else 1.0), top_k=config.top_k,
-        top_p=float(config.top_p if config.top_p is not None else 1.0),
-        repetition_penalty=float(config.repetition_penalty or 1.0), min_new_tokens=int(config.min_new_tokens or 0),
-        eos_token_ids=eos_ids,
-    )
-    settings.validate()
+    settings = sampling_settings(config)
     if generator is None and seed is not None:
         generator = torch.Generator(device=model.device).manual_seed(int(seed))
     stops = StopStringMatcher(config.stop_strings, tokenizer)
@@ -76,16 +88,29 @@ def generate(
             f"{max_positions} positions"
         )
 
-    batch = input_ids.shape[0]
-    session = DecodeSession(model, batch, prompt_len + max_new)
+    session = DecodeSession(model, input_ids.shape[0], prompt_len + max_new)
     if streamer is not None:
         streamer.put(input_ids.cpu())
     logits = session.extend(input_ids, attention_mask, pixel_values,
                             vision_feature_layer=vision_feature_layer,
                             vision_feature_select_strategy=vision_feature_select_strategy)
-    history = input_ids.to(model.device)
-    unfinished = torch.ones(batch, dtype=torch.bool, device=model.device)
-    eos_tensor = torch.tensor(eos_ids, device=model.device) if eos_ids else None
+    return decode_loop(session, logits, input_ids.to(model.device), settings, max_new, pad_id, stops, generator,
+                       streamer)
+
+
+def decode_loop(session: DecodeSession, logits: torch.Tensor, history: torch.Tensor, settings: SamplingSettings,
+                max_new: int, pad_id: int, stops: StopStringMatcher, generator: torch.Generator | None = None,
+                streamer: Any = None) -> torch.Tensor:
+    """Choose, emit and feed back tokens until every row ends or ``max_new`` tokens exist.
+
+    ``logits`` are those after the prompt (B, V); ``history`` (B, T) is what the repetition penalty looks at.
+    Returns ``history`` with the new tokens appended. The last token is not fed to the cache (nothing needs
+    its successor); a chat's next turn re-feeds it with the new prompt.
+    """
+    batch = history.shape[0]
+    device = history.device
+    unfinished = torch.ones(batch, dtype=torch.bool, device=device)
+    eos_tensor = torch.tensor(settings.eos_token_ids, device=device) if settings.eos_token_ids else None
     new_tokens: list[list[int]] = [[] for _ in range(batch)]
     for step in range(max_new):
         scores = process_scores(logits, history, step, settings)
