@@ -612,7 +612,9 @@ class Tokenizer:
             batched, texts = True, list(text)
         else:
             raise ValueError("text must be a string or a list of strings")
-        for key in unused:
+        for key, value in unused.items():
+            if key == "is_split_into_words" and value:
+                raise NotImplementedError("Pre-tokenized input (is_split_into_words=True) is not supported.")
             if key not in ("verbose", "is_split_into_words", "return_token_type_ids"):
                 raise TypeError(f"Tokenizer.__call__ got an unexpected keyword argument {key!r}")
         pad_mode, trunc_mode, max_length = self._strategies(padding, truncation, max_length)

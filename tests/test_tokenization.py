@@ -26,7 +26,7 @@ TEXTS = [
     "USER: <image>\nWhat is shown in this image? ASSISTANT: It's a cat.</s>",
     "  leading spaces,\ttabs\n\nand newlines  ",
     "<s>hello</s> <pad><image><image> x<|im_end|>",
-    "emoji 🙂, CJK 日本語, accents: naïve café résumé, Ω≈ç√",
+    "emoji 🙂, CJK 日本語, accents: naïve café résumé, Ω≈ç√, decomposed: cafe\u0301",
     "<|im_start|>user <image>\nHi<|im_end|><|im_start|>assistant\n",
     "",
     "a",
