@@ -46,6 +46,21 @@ from typing import Any
 
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
+__all__ = [
+    "CHAT_TEMPLATES",
+    "LLAVA15_CHAT_TEMPLATE",
+    "INTERLEAVE_CHAT_TEMPLATE",
+    "QWEN_TEXT_CHAT_TEMPLATE",
+    "TOKENIZER_SPECS",
+    "build_llava15_tokenizer_dir",
+    "build_interleave_tokenizer_dir",
+    "build_tokenizer_dir",
+    "image_processor_config",
+    "save_processor_files",
+    "load_oracle_processor",
+    "load_oracle_tokenizer",
+]
+
 # --- chat templates: the text of the real checkpoints' chat_template.json -------------------------------------------
 
 # llava-hf/llava-1.5-7b-hf (and -13b): images first, then text, "USER: " / "ASSISTANT: " role prefixes.
