@@ -5,8 +5,9 @@ window per layer, tied embeddings, RoPE scaling. Module names equal transformers
 ``layers.N.self_attn.q_proj``, ``mlp.gate_proj``, ``norm``) so checkpoints load by plain copy.
 
 ``forward`` is the transformers-style entry (attention mask, position ids, optional cache);
-``run_layers`` is the pure core (embeddings in, hidden states out, cache written at given slots) that the
-decode step reuses with fixed shapes, so prefill, decode and compiled decode are one code path.
+``run_layers`` is the core (embeddings in, hidden states out) that every caller shares; where keys and values
+live is the business of the attention plan it is given (models/attention_plan.py), so training, generate(),
+the chat and the serving engine run the same layer code.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from torch import nn
 from fastllava.config import TextConfig
 from fastllava.generation.kv_cache import KVCache
 from fastllava.models.activations import get_activation
-from fastllava.models.attention import attend, decoder_mask
+from fastllava.models.attention import decoder_mask
+from fastllava.models.attention_plan import AttentionPlan, DensePlan
 from fastllava.models.rope import apply_rotary, rotary_cos_sin
 
 
@@ -52,20 +54,15 @@ class DecoderAttention(nn.Module):
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=config.o_proj_bias)
         self.attn_implementation = "sdpa"
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
-                cache: KVCache | None, slots: torch.Tensor | None, kv_len: int,
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, plan: AttentionPlan,
                 return_weights: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         batch, length, _ = x.shape
         q = self.q_proj(x).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         k = self.k_proj(x).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
         v = self.v_proj(x).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        if cache is not None:
-            cache.write(self.layer_index, slots, k, v)
-            k = cache.keys[self.layer_index][:, :, :kv_len]
-            v = cache.values[self.layer_index][:, :, :kv_len]
-        out, weights = attend(q, k, v, mask, self.attn_implementation, causal_no_mask=mask is None,
-                              return_weights=return_weights, dropout=self.dropout if self.training else 0.0)
+        out, weights = plan.attend(self.layer_index, q, k, v, self.attn_implementation, return_weights,
+                                   self.dropout if self.training else 0.0)
         out = out.transpose(1, 2).reshape(batch, length, -1)  # (B, T, H*D)
         return self.o_proj(out), weights
 
@@ -91,9 +88,9 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = DecoderMLP(config)
 
-    def forward(self, x, cos, sin, mask, cache, slots, kv_len, return_weights=False):
-        attn_out, weights = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, slots, kv_len,
-                                           return_weights)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, plan: AttentionPlan,
+                return_weights: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        attn_out, weights = self.self_attn(self.input_layernorm(x), cos, sin, plan, return_weights)
         x = x + attn_out
         return x + self.mlp(self.post_attention_layernorm(x)), weights
 
@@ -123,19 +120,18 @@ class TextModel(nn.Module):
         by_window = {w: decoder_mask(query_slots, key_valid, w) for w in set(self.sliding_windows)}
         return [by_window[w] for w in self.sliding_windows]
 
-    def run_layers(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, masks: list[torch.Tensor | None],
-                   cache: KVCache | None, slots: torch.Tensor | None, kv_len: int,
+    def run_layers(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, plan: AttentionPlan,
                    output_hidden_states: bool = False, output_attentions: bool = False):
-        """The pure core: (B, T, C) embeddings -> (B, T, C) normed hidden states; writes K/V at ``slots``."""
+        """The core: (B, T, C) embeddings -> (B, T, C) normed hidden states; the plan stores and reads K/V."""
         every, attentions = [], []
-        for layer, mask in zip(self.layers, masks):
+        for layer in self.layers:
             if output_hidden_states:
                 every.append(x)
             if self.gradient_checkpointing and self.training:
-                x, weights = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, cache, slots, kv_len,
-                                                               output_attentions, use_reentrant=False)
+                x, weights = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, plan, output_attentions,
+                                                               use_reentrant=False)
             else:
-                x, weights = layer(x, cos, sin, mask, cache, slots, kv_len, output_attentions)
+                x, weights = layer(x, cos, sin, plan, output_attentions)
             if output_attentions:
                 attentions.append(weights)
         x = self.norm(x)
@@ -196,8 +192,9 @@ class TextModel(nn.Module):
             slots, key_valid if key_valid is not None else torch.ones(batch, total, dtype=torch.bool, device=device)
         )
         cos, sin = rotary_cos_sin(self.config, position_ids, inputs_embeds.dtype)
-        hidden, every, attentions = self.run_layers(inputs_embeds, cos, sin, masks, cache, slots, total,
-                                                    output_hidden_states, output_attentions)
+        plan = DensePlan(masks, cache, slots, total)
+        hidden, every, attentions = self.run_layers(inputs_embeds, cos, sin, plan, output_hidden_states,
+                                                    output_attentions)
         return DecoderOutput(
             last_hidden_state=hidden,
             past_key_values=cache,
