@@ -38,9 +38,14 @@ _EXPORTS = {
     "AutoProcessor": "fastllava.processing",
     "AutoTokenizer": "fastllava.tokenization",
     "Tokenizer": "fastllava.tokenization",
+    # serving
+    "LLM": "fastllava.engine.llm",
+    "SamplingParams": "fastllava.engine.types",
+    "QuantizationConfig": "fastllava.quantization",
     # generation
     "GenerationConfig": "fastllava.generation.config",
     "TextIteratorStreamer": "fastllava.generation.streaming",
+    "TextStreamer": "fastllava.generation.streaming",
 }
 
 __all__ = sorted(_EXPORTS)
