@@ -72,7 +72,7 @@ def _check_size(width: int, height: int, max_pixels: int | None, what: str) -> N
 def _decode(data: bytes, what: str, max_pixels: int | None) -> Image.Image:
     """Decode bytes fully (no lazy file handles left behind), refusing huge or broken images."""
     if not data:
-        raise ImageLoadError(f"{what} is empty (0 bytes)")
+        raise ImageLoadError(f"{what}: empty input (0 bytes)")
     try:
         with warnings.catch_warnings():
             # Pillow's bomb warning becomes an error; its own hard limit raises DecompressionBombError.
@@ -230,14 +230,18 @@ def _load_path_or_url(source: Any, timeout: float | None, max_bytes: int | None,
     if isinstance(source, str) and lowered.startswith("data:"):
         return _decode(_from_data_url(text, max_bytes), "data URL", max_pixels)
     path = Path(text)
-    if path.is_file():
+    try:
+        is_file, exists = path.is_file(), path.exists()
+    except OSError:  # e.g. a base64 string longer than a file name may be
+        is_file = exists = False
+    if is_file:
         size = path.stat().st_size
         if size == 0:
             raise ImageLoadError(f"file {_describe(text)} is empty (0 bytes)")
         if max_bytes is not None and size > max_bytes:
             raise ImageLoadError(f"file {_describe(text)} is {size} bytes, over the limit of {max_bytes}")
         return _decode(path.read_bytes(), f"file {_describe(text)}", max_pixels)
-    if path.exists():
+    if exists:
         raise ImageLoadError(f"{_describe(text)} is not a regular file")
     # transformers also accepts a bare base64 string; try it only for text that cannot be a path
     if isinstance(source, str) and len(text) > 64:
