@@ -420,7 +420,8 @@ class Tokenizer:
             padding_side = as_is.padding.get("direction")
         padding_side = padding_side or _CLASS_DEFAULTS[kind].get("padding_side", "right")
 
-        chat_template = read_chat_templates(directory)
+        # A template given by the caller wins, then chat_template.jinja files, then the config's entry.
+        chat_template = overrides.get("chat_template") or read_chat_templates(directory)
         if chat_template is None:
             chat_template = _config_chat_template(config.get("chat_template"))
         model_max_length = config.get("model_max_length", config.get("max_len"))

@@ -353,3 +353,8 @@ def test_runtime_never_imports_transformers():
         "assert 'transformers' not in sys.modules, 'fastllava imported transformers'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_chat_template_argument_overrides_files(tokenizer_dirs):
+    tok = Tokenizer.from_pretrained(tokenizer_dirs["llava15"], chat_template="{{ messages | length }}")
+    assert tok.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False) == "1"
