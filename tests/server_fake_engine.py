@@ -198,13 +198,17 @@ class LiveServer:
         self._sock.close()
 
     def wait_ready(self, timeout: float = 20) -> None:
+        import http.client
         import time
-
-        import httpx
 
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if httpx.get(self.url + "/health").status_code == 200:
-                return
+            conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
+            try:
+                conn.request("GET", "/health")
+                if conn.getresponse().status == 200:
+                    return
+            finally:
+                conn.close()
             time.sleep(0.02)
         raise RuntimeError("the test server never became healthy")

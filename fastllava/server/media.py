@@ -148,6 +148,8 @@ def is_public_address(address: str) -> bool:
     except ValueError:
         return False
     if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:  # ::ffff:a.b.c.d is a.b.c.d
+            return is_public_address(str(ip.ipv4_mapped))
         inner = _embedded_ipv4(ip)
         if inner is not None and not is_public_address(str(inner)):
             return False
@@ -236,10 +238,12 @@ def _fetch_http(url: str, policy: MediaPolicy, param: str | None, deadline: floa
         else:
             conn = http.client.HTTPConnection(address, parsed.port, timeout=timeout)
         watchdog = _Watchdog(deadline)
+        response: http.client.HTTPResponse | None = None
         try:
             conn.connect()
-            watchdog.watch(conn.sock)
-            conn.sock.settimeout(max(0.01, deadline - time.monotonic()))
+            sock = conn.sock  # kept: http.client hands it to the response (and drops it) on Connection: close
+            watchdog.watch(sock)
+            sock.settimeout(max(0.01, deadline - time.monotonic()))
             conn.putrequest("GET", parsed.target, skip_host=True)
             conn.putheader("Host", parsed.host_header)
             conn.putheader("User-Agent", "fastllava-media-fetcher")
@@ -267,7 +271,7 @@ def _fetch_http(url: str, policy: MediaPolicy, param: str | None, deadline: floa
                                      "media_too_large", param)
             chunks, total = [], 0
             while True:
-                conn.sock.settimeout(max(0.01, deadline - time.monotonic()))
+                sock.settimeout(max(0.01, deadline - time.monotonic()))
                 chunk = response.read1(_CHUNK)
                 if not chunk:
                     break
@@ -297,6 +301,8 @@ def _fetch_http(url: str, policy: MediaPolicy, param: str | None, deadline: floa
                                  param) from None
         finally:
             watchdog.cancel()
+            if response is not None:
+                response.close()  # on Connection: close the response owns the socket; this closes it now
             conn.close()
     raise AssertionError("unreachable")
 
@@ -373,8 +379,8 @@ def decode_image(data: bytes, policy: MediaPolicy, param: str | None = None) -> 
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:
             image = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
-        except Image.DecompressionBombError:
-            raise _unprocessable("image has too many pixels", "image_too_large", param) from None
+        except Image.DecompressionBombError as error:
+            raise _unprocessable(f"image has too many pixels: {error}", "image_too_large", param) from None
         except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
             raise _unprocessable(f"cannot decode the image (supported: {', '.join(ALLOWED_FORMATS)})",
                                  "invalid_image", param) from None
