@@ -600,7 +600,9 @@ def _is_image_reference(value: str) -> bool:
 
 
 def _flatten_images(images: Any) -> list[Any]:
-    """A single image, a list, or a list of lists (one per prompt) -> flat list, in order."""
+    """A single image, a list, a list of lists (one per prompt) or a 4-D batch array/tensor -> flat list, in order."""
+    if getattr(images, "ndim", None) == 4:
+        return list(images)
     if isinstance(images, (list, tuple)):
         flat: list[Any] = []
         for item in images:

@@ -344,3 +344,13 @@ def test_pil_backend_gives_the_same_inputs(pair, processor_dirs):
     assert type(pil.image_processor).__name__ == "LlavaImageProcessorPil"
     prompt = "<|im_start|>user <image>\nHi<|im_end|><|im_start|>assistant\n"
     _assert_same(pil(images=IMAGES[3], text=prompt, return_tensors="pt"), ours(images=IMAGES[3], text=prompt, return_tensors="pt"))
+
+
+def test_batched_array_images(pair):
+    ref, ours = pair("llava15")
+    batch = np.stack([np.asarray(IMAGES[0].resize((32, 32))), np.asarray(IMAGES[1].resize((32, 32)))])  # (2, H, W, C)
+    texts = ["<image> one", "<image> two"]
+    _assert_same(
+        ours(images=batch, text=texts, padding=True, return_tensors="pt"),
+        ref(images=batch, text=texts, padding=True, return_tensors="pt"),
+    )
