@@ -206,8 +206,9 @@
       stream: true,
       stream_options: { include_usage: true },
       temperature: Number($("temperature").value),
-      max_tokens: Number($("max-tokens").value),
     };
+    // Empty = let the server decide (up to the end of the model's context).
+    if ($("max-tokens").value) { body.max_tokens = Number($("max-tokens").value); }
 
     var bubble = addBubble("assistant");
     bubble.classList.add("streaming");
@@ -247,9 +248,12 @@
     if (answer || stopped) {
       state.history.push(userMessage, { role: "assistant", content: answer });
     } else {
-      // Nothing came back: keep the question's images for another try.
+      // Nothing came back: the question and its images go back into the composer for another try.
       state.pending = images;
       renderAttachments();
+      if (!$("prompt").value) { $("prompt").value = text; }
+      var bubbles = $("messages").querySelectorAll(".msg.user");
+      if (bubbles.length) { bubbles[bubbles.length - 1].remove(); }
     }
   }
 
