@@ -547,7 +547,7 @@ class LlavaImageProcessor(_LlavaImageProcessorBase):
                 pil = _pad_square_pil(pil, options["image_mean"])
             height, width = _output_size(pil.height, pil.width, options["size"])
             array = np.asarray(pil.resize((width, height), resample=options["resample"])).transpose(2, 0, 1)
-        return _finish_values(torch.from_numpy(np.ascontiguousarray(array)), options)
+        return _finish_values(_tensor(array), options)
 
     # ---- accelerators: exact banded matmuls, one batch per input shape
     def _accelerated(self, flat: list, options: dict[str, Any], call: dict[str, Any], device: torch.device):
@@ -559,8 +559,7 @@ class LlavaImageProcessor(_LlavaImageProcessorBase):
                 first = _channels_first(tuple(image.shape), call.get("input_data_format"))
                 tensor = image if first else image.permute(2, 0, 1)
             else:
-                tensor = torch.from_numpy(np.ascontiguousarray(
-                    _prepare_array(image, options["do_convert_rgb"], call.get("input_data_format"))))
+                tensor = _tensor(_prepare_array(image, options["do_convert_rgb"], call.get("input_data_format")))
             prepared.append(tensor.to(device, non_blocking=True))
         outputs: list = [None] * len(prepared)
         groups: dict[tuple, list[int]] = {}
@@ -603,7 +602,7 @@ class LlavaImageProcessor(_LlavaImageProcessorBase):
         array = image.numpy()
         array = _pil_resize_array(array, _output_size(array.shape[1], array.shape[2], options["size"]),
                                   options["resample"])
-        return _finish_values(torch.from_numpy(np.ascontiguousarray(array)), dict(options, do_resize=False))
+        return _finish_values(_tensor(array), dict(options, do_resize=False))
 
 
 def _channel_count(shape: tuple, input_data_format: str | None) -> int:
@@ -650,8 +649,7 @@ def _finish_values(pixels: torch.Tensor, options: dict[str, Any]) -> torch.Tenso
     if options.get("do_center_crop") and tuple(pixels.shape[-2:]) != (
         options["crop_size"]["height"], options["crop_size"]["width"]
     ):
-        pixels = torch.from_numpy(np.ascontiguousarray(_center_crop_array(pixels.cpu().numpy(),
-                                                                          options["crop_size"]))).to(pixels.device)
+        pixels = _tensor(_center_crop_array(pixels.cpu().numpy(), options["crop_size"])).to(pixels.device)
     if pixels.dtype == torch.uint8:
         table = _value_table(options, pixels.shape[-3])
         if table is None:
@@ -665,7 +663,14 @@ def _finish_values(pixels: torch.Tensor, options: dict[str, Any]) -> torch.Tenso
         array = _rescale_array(array, options["rescale_factor"])
     if options["do_normalize"]:
         array = _normalize_array(array, options["image_mean"], options["image_std"])
-    return torch.from_numpy(np.ascontiguousarray(array)).to(pixels.device)
+    return _tensor(array).to(pixels.device)
+
+
+def _tensor(array: np.ndarray) -> torch.Tensor:
+    """numpy -> torch without warnings: read-only arrays (views of PIL images) are copied."""
+    if not array.flags.writeable:
+        return torch.from_numpy(np.array(array, order="C"))
+    return torch.from_numpy(np.ascontiguousarray(array))
 
 
 def _run_threaded(function, items: list) -> list:
@@ -695,5 +700,5 @@ def _finish(outputs: list, call: dict[str, Any], stack_numpy: bool) -> BatchFeat
     if return_tensors == "np":
         arrays = [o if isinstance(o, np.ndarray) else o.cpu().numpy() for o in outputs]
         return BatchFeature({"pixel_values": np.stack(arrays) if arrays else np.zeros((0,))})
-    tensors = [torch.from_numpy(o) if isinstance(o, np.ndarray) else o for o in outputs]
+    tensors = [_tensor(o) if isinstance(o, np.ndarray) else o for o in outputs]
     return BatchFeature({"pixel_values": torch.stack(tensors) if tensors else torch.zeros((0,))})
