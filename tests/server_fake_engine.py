@@ -19,8 +19,7 @@ VOCAB = [" alpha", " beta", " gamma", " delta", " red", " square", " circle", " 
 IMAGE_TOKENS = 16
 
 
-class QueueFullError(RuntimeError):
-    """What the fake raises when more requests arrive than it has room for."""
+from fastllava.engine import EngineOverloadedError as QueueFullError  # what the real engine raises when full  # noqa: E402
 
 
 class FakeTokenizer:
@@ -87,9 +86,10 @@ class FakeEngine:
             self.live[request_id]["aborted"] = True
 
     def stats(self) -> dict[str, Any]:
-        return {"num_requests_running": len(self.live), "num_requests_waiting": 0,
-                "prefix_cache_hits": 3, "prefix_cache_misses": 1, "tokens_generated": self.tokens_generated,
-                "kv_blocks_used": len(self.live)}
+        # the shape of the real engine's stats (nested dicts included)
+        return {"num_running": len(self.live), "num_waiting": 0, "tokens_generated": self.tokens_generated,
+                "prefix_cache": {"hits": 3, "misses": 1, "hit_tokens": 30, "queried_tokens": 40},
+                "kv_cache": {"used_bytes": 1024 * len(self.live), "cached_bytes": 0, "dtype": "float32"}}
 
     def _token(self, rng: random.Random | None, base: int, step: int, index: int) -> int:
         if rng is None:

@@ -151,8 +151,9 @@ def test_models_health_tokenize_metrics(client, server):
     metrics = HTTP.get(server.url + "/metrics").text
     for name in ("fastllava_http_requests_total", "fastllava_generation_tokens_total", "fastllava_prompt_tokens_total",
                  "fastllava_time_to_first_token_seconds_bucket", "fastllava_requests_in_flight",
-                 "fastllava_client_disconnects_total", "fastllava_engine_num_requests_running",
-                 "fastllava_engine_prefix_cache_hits_total", "fastllava_e2e_request_latency_seconds_count"):
+                 "fastllava_client_disconnects_total", "fastllava_engine_num_running", "fastllava_engine_num_waiting",
+                 "fastllava_engine_prefix_cache_hits_total", "fastllava_engine_kv_cache_used_bytes",
+                 "fastllava_engine_prefix_cache_hit_rate 0.75", "fastllava_e2e_request_latency_seconds_count"):
         assert name in metrics, name
     assert 'fastllava_http_requests_total{endpoint="chat",status="200"}' in metrics
 
@@ -311,7 +312,7 @@ def test_request_timeout_aborts_and_answers_504():
         response = HTTP.post(live.url + "/v1/chat/completions",
                               json={"model": MODEL, "messages": image_message(), "max_tokens": 100})
         assert_error(response, 504, "request_timeout")
-        assert len(engine.aborted) == 1 and not engine.live
+        assert len(engine.aborted) == 1 and _wait(lambda: not engine.live)
 
 
 # --------------------------------------------------------------------------------------- disconnects, loading

@@ -64,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
     model.add_argument("--max-num-batched-tokens", type=int, default=None, help="tokens per engine step")
     model.add_argument("--kv-cache-tokens", type=int, default=None, help="KV cache size in tokens")
+    model.add_argument("--kv-cache-bytes", type=int, default=None, help="KV cache size in bytes (default 2 GiB)")
+    model.add_argument("--no-prefix-caching", action="store_true", help="disable the prefix (KV) cache")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return p
 
@@ -87,24 +89,18 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
 def engine_options(args: argparse.Namespace) -> dict[str, Any]:
     options = {"max_num_seqs": args.max_num_seqs, "max_model_len": args.max_model_len,
                "max_num_batched_tokens": args.max_num_batched_tokens, "kv_cache_tokens": args.kv_cache_tokens,
-               "max_queued_requests": args.max_queued_requests}
+               "kv_cache_bytes": args.kv_cache_bytes, "max_queued_requests": args.max_queued_requests,
+               "enable_prefix_caching": False if args.no_prefix_caching else None}
     return {key: value for key, value in options.items() if value is not None}
 
 
 def make_loader(args: argparse.Namespace):
     def load() -> tuple[Any, Any]:
-        import inspect
-
         from fastllava.cli import load_model_and_processor
         from fastllava.engine import AsyncEngine
 
         model, processor = load_model_and_processor(args.model, args.dtype, args.device, args.quantize)
-        accepted = inspect.signature(AsyncEngine).parameters
-        options = {k: v for k, v in engine_options(args).items() if k in accepted}
-        ignored = sorted(set(engine_options(args)) - set(options))
-        if ignored and not any(p.kind == p.VAR_KEYWORD for p in accepted.values()):
-            logger.warning("this engine does not take %s; ignored", ", ".join(ignored))
-        return AsyncEngine(model, processor, **options), processor
+        return AsyncEngine(model, processor, **engine_options(args)), processor
 
     return load
 

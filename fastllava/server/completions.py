@@ -67,10 +67,14 @@ def engine_error(error: BaseException) -> APIError:
     """An exception from the engine as the client should see it."""
     if isinstance(error, APIError):
         return error
-    name = type(error).__name__.lower()
-    if isinstance(error, asyncio.QueueFull) or "queuefull" in name or "overload" in name or "capacity" in name:
+    from fastllava.engine import EngineDeadError, EngineError, EngineOverloadedError
+
+    if isinstance(error, (EngineOverloadedError, asyncio.QueueFull)):
         return overloaded(f"The engine's queue is full; retry later ({bound(str(error), 200)})")
-    if isinstance(error, ValueError):
+    if isinstance(error, EngineDeadError):
+        return APIError(503, f"The engine is not running: {bound(str(error), 200)}", code="engine_unavailable",
+                        type="server_error")
+    if isinstance(error, ValueError) and not isinstance(error, EngineError):  # RequestError: the request's fault
         message = str(error)
         code = "context_length_exceeded" if _CONTEXT_WORDS.search(message) else "invalid_request"
         return APIError(400, message, code=code)

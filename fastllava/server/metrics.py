@@ -22,14 +22,31 @@ PREFIX = "fastllava"
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160)
 _TOKEN_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56)
 
-# engine.stats() keys with their meaning; keys ending in _total (or listed as counters) are exported as counters.
-_ENGINE_COUNTERS = {"cache_hits", "cache_misses", "prefix_cache_hits", "prefix_cache_misses", "image_cache_hits",
-                    "image_cache_misses", "tokens_generated", "prompt_tokens", "requests_finished", "requests_aborted",
-                    "preemptions"}
+# engine.stats() entries (nested dicts flattened with "_") that only grow: exported as counters, the rest as gauges.
+_ENGINE_COUNTERS = {"steps", "tokens_generated", "prompt_tokens_computed", "requests_finished", "requests_aborted",
+                    "requests_failed", "preemptions", "prefix_cache_hits", "prefix_cache_misses",
+                    "prefix_cache_hit_tokens", "prefix_cache_queried_tokens", "prefix_cache_evictions",
+                    "image_cache_hits", "image_cache_misses"}
+
+
+def _flatten(stats: dict[str, Any], prefix: str = "") -> dict[str, float]:
+    flat: dict[str, float] = {}
+    for key, value in stats.items():
+        name = prefix + re.sub(r"[^a-zA-Z0-9_]", "_", str(key))
+        if isinstance(value, dict):
+            flat.update(_flatten(value, name + "_"))
+        elif isinstance(value, numbers.Real) and not isinstance(value, bool):
+            flat[name] = float(value)
+    return flat
+
+
+def _ratio(hits: float | None, total: float | None) -> float | None:
+    return None if hits is None or not total else hits / total
 
 
 class _EngineCollector:
-    """Exports whatever numbers ``engine.stats()`` reports (queue depth, running, cache hits...) at scrape time."""
+    """Exports the numbers of ``engine.stats()`` (queue depth, running, KV bytes, cache hits...) at scrape time,
+    plus the cache hit rates derived from them."""
 
     def __init__(self, get_engine: Callable[[], Any]):
         self._get_engine = get_engine
@@ -43,17 +60,22 @@ class _EngineCollector:
         except Exception:  # noqa: BLE001 - a scrape must not fail because the engine is busy or gone
             logger.exception("engine.stats() failed during a metrics scrape")
             return
-        if not isinstance(stats, dict):
-            stats = getattr(stats, "__dict__", {})
-        for key, value in sorted(stats.items()):
-            if isinstance(value, bool) or not isinstance(value, numbers.Real):
-                continue
-            name = re.sub(r"[^a-zA-Z0-9_]", "_", str(key))
+        flat = _flatten(stats if isinstance(stats, dict) else getattr(stats, "__dict__", {}))
+        for name, value in sorted(flat.items()):
             base = name[: -len("_total")] if name.endswith("_total") else name
             if name.endswith("_total") or base in _ENGINE_COUNTERS:
-                yield CounterMetricFamily(f"{PREFIX}_engine_{base}", f"engine.stats()['{key}']", value=float(value))
+                yield CounterMetricFamily(f"{PREFIX}_engine_{base}", f"engine.stats(): {name}", value=value)
             else:
-                yield GaugeMetricFamily(f"{PREFIX}_engine_{name}", f"engine.stats()['{key}']", value=float(value))
+                yield GaugeMetricFamily(f"{PREFIX}_engine_{name}", f"engine.stats(): {name}", value=value)
+        rates = {
+            "prefix_cache_hit_rate": _ratio(flat.get("prefix_cache_hit_tokens"), flat.get("prefix_cache_queried_tokens")),
+            "image_cache_hit_rate": _ratio(flat.get("image_cache_hits"),
+                                           flat.get("image_cache_hits", 0) + flat.get("image_cache_misses", 0)),
+        }
+        for name, value in rates.items():
+            if value is not None:
+                yield GaugeMetricFamily(f"{PREFIX}_engine_{name}", f"since start: {name.replace('_', ' ')}",
+                                        value=value)
 
 
 class ServerMetrics:
