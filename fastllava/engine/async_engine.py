@@ -25,7 +25,7 @@ import queue
 import threading
 from typing import Any, AsyncIterator
 
-from fastllava.engine.engine import Engine, RequestError
+from fastllava.engine.engine import Engine, RequestError, error_message
 from fastllava.engine.types import RequestOutput, SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -171,8 +171,7 @@ class AsyncEngine:
                 try:
                     self.engine.add_request(request_id, prompt, params)
                 except Exception as error:  # noqa: BLE001 - the caller's arguments: fail that stream alone
-                    self._deliver(RequestOutput(request_id, [], finished=True,
-                                                error=f"{type(error).__name__}: {error}"), request_id)
+                    self._deliver(RequestOutput(request_id, [], finished=True, error=error_message(error)), request_id)
             else:
                 self.engine.abort(command[1])
 

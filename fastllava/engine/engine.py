@@ -49,6 +49,12 @@ class RequestError(ValueError):
     """A request that cannot be served as given (bad image, prompt longer than the context...)."""
 
 
+def error_message(error: BaseException) -> str:
+    """What a failed request's ``RequestOutput.error`` says: the message, named by its type unless it is ours."""
+    message = str(error) or type(error).__name__
+    return message if isinstance(error, RequestError) else f"{type(error).__name__}: {message}"
+
+
 def resolve_kv_dtype(kv_cache_dtype: str | torch.dtype, model_dtype: torch.dtype) -> torch.dtype:
     if isinstance(kv_cache_dtype, torch.dtype):
         return kv_cache_dtype
@@ -257,10 +263,7 @@ class Engine:
                 if seq.status is not Status.FINISHED:
                     self.scheduler.abort(seq)
             request.features = None
-        message = str(error) or type(error).__name__
-        if not isinstance(error, RequestError):
-            message = f"{type(error).__name__}: {message}"
-        self._pending_outputs.append(RequestOutput(request_id, [], finished=True, error=message))
+        self._pending_outputs.append(RequestOutput(request_id, [], finished=True, error=error_message(error)))
 
     def fail_all(self, error: BaseException) -> None:
         """End every admitted request with ``error`` (after a failed step); their memory is freed."""
