@@ -117,3 +117,16 @@ def test_pickle_checkpoints_load_weights_only(checkpoint):
     (checkpoint / "model.safetensors").unlink()
     model = load(checkpoint)
     assert torch.equal(model.model.multi_modal_projector.linear_1.bias, state["multi_modal_projector.linear_1.bias"])
+
+
+def test_loading_skips_random_init_and_never_imports_dynamo(checkpoint):
+    """Building on the meta device must not run torch's initialisers (normal_ on meta imports torch._dynamo:
+    seconds of load time on a real checkpoint)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, fastllava; fastllava.LlavaForConditionalGeneration.from_pretrained(sys.argv[1]); "
+            "print('torch._dynamo' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code, str(checkpoint)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False"

@@ -58,8 +58,11 @@ def generate(
     seed: int | None = None,
     vision_feature_layer: Any = None,
     vision_feature_select_strategy: str | None = None,
+    compile: bool | None = None,
     **kwargs: Any,
 ) -> torch.Tensor:
+    """See the module docstring. ``compile`` runs the decode step through torch.compile (default: the
+    FASTLLAVA_COMPILE environment switch); eager and compiled give the same tokens."""
     if input_ids is None:
         raise ValueError("generate() needs input_ids (use the processor to build them)")
     settings_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in GenerationConfig.defaults}
@@ -88,7 +91,7 @@ def generate(
             f"{max_positions} positions"
         )
 
-    session = DecodeSession(model, input_ids.shape[0], prompt_len + max_new)
+    session = DecodeSession(model, input_ids.shape[0], prompt_len + max_new, compile=compile)
     if streamer is not None:
         streamer.put(input_ids.cpu())
     logits = session.extend(input_ids, attention_mask, pixel_values,

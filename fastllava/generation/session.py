@@ -12,15 +12,19 @@ from __future__ import annotations
 
 import torch
 
+from fastllava.generation.decode_step import StepRunner, bucket_capacity
 from fastllava.generation.kv_cache import KVCache
 
 
 class DecodeSession:
-    def __init__(self, model, batch_size: int, capacity: int, dtype: torch.dtype | None = None):
+    def __init__(self, model, batch_size: int, capacity: int, dtype: torch.dtype | None = None,
+                 compile: bool | None = None):
         self.model = model
         self.text_model = model.model.language_model
-        self.cache = KVCache.for_config(model.config.text_config, batch_size, capacity, dtype or model.dtype,
-                                        model.device)
+        # Capacities come in buckets so the fixed-shape decode step is reused (and compiled) per bucket.
+        self.cache = KVCache.for_config(model.config.text_config, batch_size, bucket_capacity(capacity),
+                                        dtype or model.dtype, model.device)
+        self.step_runner = StepRunner(model, compile)
         self.next_positions = torch.zeros(batch_size, dtype=torch.long, device=model.device)
         self.token_ids: list[list[int]] = [[] for _ in range(batch_size)]  # what the cache holds, per row
 
@@ -49,7 +53,7 @@ class DecodeSession:
             image_features = self.model.model.image_features(pixel_values.to(self.model.device),
                                                              vision_feature_layer, vision_feature_select_strategy)
         embeds = self.model.model.embed_inputs(input_ids, None, image_features)
-        self.cache.reserve(input_ids.shape[1])
+        self.cache.reserve(bucket_capacity(self.cache.length + input_ids.shape[1]) - self.cache.length)
         logits = self._run(embeds, mask)
         for row, ids in enumerate(input_ids.tolist()):
             self.token_ids[row].extend(ids)
@@ -58,8 +62,9 @@ class DecodeSession:
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """Append one token per row (B,) and return the next logits (B, V)."""
         tokens = tokens.to(self.model.device).view(-1, 1)
-        self.cache.reserve(1)
-        logits = self._run(self.text_model.embed_tokens(tokens), torch.ones_like(tokens))
+        self.cache.reserve(1)  # grows by doubling, so capacities stay multiples of the bucket
+        logits = self.step_runner(self.cache, tokens, self.next_positions[:, None])
+        self.next_positions += 1
         for row, token in enumerate(tokens[:, 0].tolist()):
             self.token_ids[row].append(token)
         return logits

@@ -18,6 +18,7 @@ from torch import nn
 from fastllava.config import CLIPVisionConfig, LlavaConfig, SiglipVisionConfig
 from fastllava.models.activations import get_activation
 from fastllava.models.clip import CLIPVisionModel
+from fastllava.models.init_control import skip_init_on_meta
 from fastllava.models.llama import TextModel
 from fastllava.models.outputs import ImageFeaturesOutput, LlavaCausalLMOutputWithPast, LlavaModelOutputWithPast
 from fastllava.models.pretrained import PreTrainedModel
@@ -162,8 +163,9 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 class LlavaForConditionalGeneration(PreTrainedModel):
     def __init__(self, config: LlavaConfig):
         super().__init__(config)
-        self.model = LlavaModel(config)
-        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        with skip_init_on_meta():
+            self.model = LlavaModel(config)
+            self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
         self.generation_config = None
         if not self.lm_head.weight.is_meta:
             self.init_weights()

@@ -1,0 +1,44 @@
+"""The fixed-shape decode step: compiled and eager give the same greedy tokens as transformers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fastllava
+from fastllava.generation.decode_step import bucket_capacity
+from tiny_checkpoints import sample_inputs
+
+transformers = pytest.importorskip("transformers")
+
+
+def test_capacities_come_in_buckets():
+    assert bucket_capacity(1) == bucket_capacity(256) == 256
+    assert bucket_capacity(257) == 512
+
+
+def test_compiled_eager_and_transformers_agree_on_a_left_padded_batch(checkpoint_factory):
+    directory = checkpoint_factory("clip_mistral")  # sliding window shorter than the sequence: masks matter
+    ours = fastllava.LlavaForConditionalGeneration.from_pretrained(directory)
+    theirs = transformers.LlavaForConditionalGeneration.from_pretrained(directory).eval()
+    ids, mask, pixels = sample_inputs(batch=4, length=34, pad=(0, 3, 7, 11), seed=5)
+    kwargs = dict(input_ids=ids, attention_mask=mask, pixel_values=pixels, max_new_tokens=32, eos_token_id=None)
+    eager = ours.generate(**kwargs, compile=False)
+    compiled = ours.generate(**kwargs, compile=True)
+    expected = theirs.generate(**kwargs, do_sample=False)
+    assert torch.equal(eager, expected)
+    assert torch.equal(compiled, expected)
+
+
+def test_session_grows_past_its_bucket_and_keeps_decoding(checkpoint_factory):
+    from fastllava.generation.session import DecodeSession
+
+    ours = fastllava.LlavaForConditionalGeneration.from_pretrained(checkpoint_factory("clip_llama"))
+    ids, _, pixels = sample_inputs(batch=1, pad=(0,))
+    session = DecodeSession(ours, 1, 10, compile=False)
+    assert session.cache.capacity == 256
+    with torch.inference_mode():
+        token = session.extend(ids, pixel_values=pixels).argmax(-1)
+        for _ in range(256 - ids.shape[1] + 5):
+            token = session.step(token).argmax(-1)
+    assert session.cache.capacity == 512 and session.length == 256 + 4
