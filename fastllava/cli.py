@@ -1,4 +1,4 @@
-"""The ``fastllava`` command: ``chat`` (one question, or an interactive multi-turn chat), ``train``,
+"""The ``fastllava`` command: ``chat`` (one question, or an interactive multi-turn chat), ``serve``, ``train``,
 ``train-demo`` and ``eval``. With no --model, chat uses the demo model bundled in the package."""
 
 from __future__ import annotations
@@ -119,6 +119,7 @@ DELEGATED = {
     "train": ("fastllava.train.trainer", "train_main", "train a LLaVA (feature alignment / instruction tuning)"),
     "train-demo": ("fastllava.train.demo", "demo_main", "rebuild the bundled demo model from scratch"),
     "eval": ("fastllava.eval.cli", "eval_main", "exact-match accuracy of a model on LLaVA-format QA data"),
+    "serve": ("fastllava.server.cli", "serve_main", "OpenAI-compatible HTTP server with a web chat page"),
 }
 
 
