@@ -612,9 +612,10 @@ def _channel_count(shape: tuple, input_data_format: str | None) -> int:
 def _as_rgb_pil(image: Any, options: dict[str, Any]) -> Image.Image | None:
     """The input as an RGB PIL image when Pillow can take it as is (the fast CPU path), else None."""
     if isinstance(image, Image.Image):
+        if image.mode == "RGB" and image.info.get("transparency") is None:
+            return image  # convert("RGB") would only copy it
         if options["do_convert_rgb"]:
             return to_rgb(image)
-        return image if image.mode == "RGB" else None
     return None
 
 
