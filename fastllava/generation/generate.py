@@ -74,7 +74,12 @@ def generate(
     config = resolve_generation_config(model, generation_config, settings_kwargs)
     pad_id = pad_token_for(config)
     prompt_len = input_ids.shape[1]
-    max_new = config.max_new_tokens if config.max_new_tokens is not None else config.max_length - prompt_len
+    if config.max_new_tokens is not None:
+        max_new = config.max_new_tokens
+    elif "max_length" not in settings_kwargs and config.max_length == GenerationConfig.defaults["max_length"]:
+        max_new = config.max_length  # transformers: the untouched default of 20 means 20 *new* tokens
+    else:
+        max_new = config.max_length - prompt_len
     if max_new <= 0:
         raise ValueError(
             f"nothing to generate: the prompt has {prompt_len} tokens and max_length is {config.max_length}; "

@@ -137,8 +137,9 @@ class LlavaModel(PreTrainedModel):
         output_attentions: bool | None = None,
         cache: Any = None,
         image_features: torch.Tensor | None = None,
+        return_dict: bool | None = None,
         **_: Any,
-    ) -> LlavaModelOutputWithPast:
+    ) -> LlavaModelOutputWithPast | tuple:
         past_key_values = past_key_values if past_key_values is not None else cache
         if pixel_values is not None and image_features is None:
             image_features = self.image_features(pixel_values, vision_feature_layer, vision_feature_select_strategy)
@@ -148,10 +149,11 @@ class LlavaModel(PreTrainedModel):
             inputs_embeds=inputs_embeds, use_cache=use_cache, output_hidden_states=bool(output_hidden_states),
             output_attentions=bool(output_attentions),
         )
-        return LlavaModelOutputWithPast(
+        output = LlavaModelOutputWithPast(
             last_hidden_state=out.last_hidden_state, past_key_values=out.past_key_values,
             hidden_states=out.hidden_states, attentions=out.attentions, image_hidden_states=image_features,
         )
+        return output.to_tuple() if return_dict is False else output
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -237,8 +239,9 @@ class LlavaForConditionalGeneration(PreTrainedModel):
         output_hidden_states: bool | None = None,
         output_attentions: bool | None = None,
         image_features: torch.Tensor | None = None,
+        return_dict: bool | None = None,
         **kwargs: Any,
-    ) -> LlavaCausalLMOutputWithPast:
+    ) -> LlavaCausalLMOutputWithPast | tuple:
         out = self.model(
             input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
             position_ids=position_ids, past_key_values=past_key_values, inputs_embeds=inputs_embeds,
@@ -253,10 +256,11 @@ class LlavaForConditionalGeneration(PreTrainedModel):
             hidden = hidden[:, -logits_to_keep:]
         logits = self.lm_head(hidden)
         loss = causal_lm_loss(logits, labels) if labels is not None else None
-        return LlavaCausalLMOutputWithPast(
+        output = LlavaCausalLMOutputWithPast(
             loss=loss, logits=logits, past_key_values=out.past_key_values, hidden_states=out.hidden_states,
             attentions=out.attentions, image_hidden_states=out.image_hidden_states,
         )
+        return output.to_tuple() if return_dict is False else output
 
     # -- generation (the decoding core lives in fastllava.generation)
     def after_load(self, directory: Path) -> None:
