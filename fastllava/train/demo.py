@@ -1,0 +1,676 @@
+"""Build the bundled demo model end to end, from a fixed seed, on a CPU: ``fastllava train-demo``.
+
+Contract. ``build_demo(output_dir, ...)`` (and ``demo_main(argv)``, the command line) makes a small LLaVA that
+answers questions about pictures of coloured shapes, with nothing downloaded:
+
+1. data: the synthetic shapes VQA generator (``fastllava.train.synthetic_data``) renders fresh training examples
+   on the fly from ``(seed, index)`` (PNG and JPEG, several image sizes, 1-4 shapes, multi-turn records with
+   every question type and the generator's train phrasings), and writes a held-out evaluation set to disk from a
+   seed never used in training, with held-out phrasings and renderings;
+2. tokenizer: the demo byte-level BPE (``fastllava.train.demo_tokenizer``) with a llava-1.5 style chat template
+   (``USER: <image>\\n... ASSISTANT: ...</s>``) and a processor (CLIP-style image processor, 64 px);
+3. stage 0 ("full"): there is no pretrained CLIP or Llama offline, so the CLIP-style vision tower, the projector
+   and the Llama-style text model are trained together from random initialisation on the visual QA data;
+4. the two LLaVA-1.5 stages with the fastllava trainer: "pretrain" (feature alignment on caption-style "describe"
+   data, only the projector learns) and "finetune" (visual instruction tuning, projector + text model, the vision
+   tower frozen);
+5. evaluation with fastllava's eval runner and greedy ``model.generate`` on the held-out set, then the checkpoint
+   (config.json, model.safetensors, generation_config.json, tokenizer and processor files with the chat template,
+   a README.md model card with the data, recipe, timing and measured accuracy) is written to ``output_dir``
+   together with a demo picture (``image.png`` beside it, see ``--image``).
+
+Every stage's steps are fixed, so the work done does not depend on the machine; the wall time does (on a
+2-core CPU the whole run is sized to stay within 30 minutes; other processes on the same cores slow it down).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import math
+import os
+import platform
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from fastllava.train.collator import LlavaCollator
+from fastllava.train.trainer import Trainer, TrainingArguments
+
+PACKAGE_DEMO_DIR = Path(__file__).resolve().parents[1] / "demo"
+
+# llava-1.5 style: "USER: <image>\n{question} ASSISTANT: {answer}</s>USER: ..."; images first in a turn. The
+# assistant text is marked with {% generation %} so that training labels exactly the answer and its </s>.
+DEMO_CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- if message['content'] is string -%}"
+    "{%- set parts = [{'type': 'text', 'text': message['content']}] -%}"
+    "{%- else -%}{%- set parts = message['content'] -%}{%- endif -%}"
+    "{%- if message['role'] == 'system' -%}"
+    "{%- for part in parts if part['type'] == 'text' -%}{{ part['text'] }}{%- endfor -%}{{ ' ' }}"
+    "{%- elif message['role'] == 'user' -%}"
+    "{{ 'USER: ' }}{%- for part in parts if part['type'] == 'image' -%}{{ '<image>\n' }}{%- endfor -%}"
+    "{%- for part in parts if part['type'] == 'text' -%}{{ part['text'] }}{%- endfor -%}"
+    "{%- elif message['role'] == 'assistant' -%}"
+    "{{ ' ASSISTANT:' }}{% generation %}"
+    "{%- for part in parts if part['type'] == 'text' -%}{{ ' ' + part['text'] }}{%- endfor -%}"
+    "{{ eos_token }}{% endgeneration %}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ ' ASSISTANT:' }}{%- endif -%}"
+)
+
+TRAIN_IMAGE_SIZES = (48, 64, 80, 96, 128)
+EVAL_IMAGE_SIZES = (56, 64, 72, 100, 112)
+EVAL_SEED = 7_919_000  # never used for training data (training uses seed * 10 + stage)
+# Counting and yes/no need the most examples; position and describe come along (the model answers them too).
+TRAIN_TYPE_WEIGHTS = {"color": 0.17, "shape": 0.17, "count": 0.24, "yesno": 0.2, "position": 0.12, "describe": 0.1}
+
+
+@dataclass
+class DemoRecipe:
+    """Model size and the steps of each stage (fixed, so a run does the same work on any machine)."""
+
+    image_size: int = 64
+    patch_size: int = 8
+    vision_hidden: int = 160
+    vision_layers: int = 5             # LLaVA reads layer -2: the last layer is never run
+    vision_heads: int = 4
+    vision_intermediate: int = 640
+    text_hidden: int = 224
+    text_layers: int = 4
+    text_heads: int = 4
+    text_intermediate: int = 576
+    warmup_ratio: float = 0.05
+    # stage 0a: vision tower alone on dense scene labels
+    vision_steps: int = 300
+    vision_batch_size: int = 64
+    vision_lr: float = 1e-3
+    # stage 0b ("full"), LLaVA stage 1 ("pretrain") and stage 2 ("finetune")
+    batch_size: int = 32
+    questions_per_image: int = 3
+    full_steps: int = 600
+    full_lr: float = 1e-3
+    full_vision_lr: float = 2e-4
+    pretrain_steps: int = 30
+    pretrain_lr: float = 1e-3
+    finetune_steps: int = 200
+    finetune_lr: float = 2e-4
+    eval_questions: int = 500
+
+    def scaled(self, factor: float) -> "DemoRecipe":
+        """The same recipe with every stage's steps multiplied by ``factor`` (for quick trials)."""
+        out = DemoRecipe(**asdict(self))
+        for name in ("vision_steps", "full_steps", "pretrain_steps", "finetune_steps"):
+            setattr(out, name, max(1, round(getattr(out, name) * factor)))
+        return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Model, tokenizer, processor
+
+
+def demo_config(recipe: DemoRecipe, vocab_size: int, special: dict[str, int]) -> Any:
+    from fastllava.config import CLIPVisionConfig, LlamaConfig, LlavaConfig
+
+    vision = CLIPVisionConfig(
+        hidden_size=recipe.vision_hidden, intermediate_size=recipe.vision_intermediate,
+        num_hidden_layers=recipe.vision_layers, num_attention_heads=recipe.vision_heads,
+        image_size=recipe.image_size, patch_size=recipe.patch_size, projection_dim=recipe.vision_hidden,
+    )
+    text = LlamaConfig(
+        hidden_size=recipe.text_hidden, intermediate_size=recipe.text_intermediate,
+        num_hidden_layers=recipe.text_layers, num_attention_heads=recipe.text_heads,
+        num_key_value_heads=recipe.text_heads, vocab_size=vocab_size, max_position_embeddings=1024,
+        rms_norm_eps=1e-5, hidden_act="silu", tie_word_embeddings=False,
+        bos_token_id=special["bos"], eos_token_id=special["eos"], pad_token_id=special["pad"],
+    )
+    tokens = (recipe.image_size // recipe.patch_size) ** 2
+    return LlavaConfig(vision_config=vision, text_config=text, image_token_index=special["image"],
+                       image_seq_length=tokens, vision_feature_layer=-2,
+                       vision_feature_select_strategy="default", projector_hidden_act="gelu")
+
+
+def build_processor(directory: str | os.PathLike, recipe: DemoRecipe) -> Any:
+    """Train the demo tokenizer, wrap it with a 64 px CLIP-style image processor; save both to ``directory``."""
+    from fastllava.image_processing import LlavaImageProcessor
+    from fastllava.processing import LlavaProcessor
+    from fastllava.tokenization import Tokenizer
+    from fastllava.train.demo_tokenizer import save_demo_tokenizer
+
+    directory = Path(directory)
+    save_demo_tokenizer(directory, chat_template=DEMO_CHAT_TEMPLATE, model_max_length=1024)
+    tokenizer = Tokenizer.from_pretrained(directory)
+    image_processor = LlavaImageProcessor(
+        size={"shortest_edge": recipe.image_size}, crop_size={"height": recipe.image_size, "width": recipe.image_size})
+    processor = LlavaProcessor(image_processor, tokenizer, patch_size=recipe.patch_size,
+                               vision_feature_select_strategy="default", chat_template=DEMO_CHAT_TEMPLATE,
+                               num_additional_image_tokens=1)
+    processor.save_pretrained(directory)
+    return processor
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Data: examples rendered on the fly from (seed, index)
+
+
+def _roundtrip(image: Image.Image, record: dict) -> Image.Image:
+    """Encode as the record says (PNG or JPEG at its quality) and decode, as a file on disk would be."""
+    from fastllava.train.synthetic_data import encode_image
+
+    fmt = record["image"].rsplit(".", 1)[1]
+    if fmt == "png":
+        return image  # lossless
+    with Image.open(io.BytesIO(encode_image(image, fmt, record.get("jpeg_quality")))) as im:
+        return im.convert("RGB")
+
+
+class SyntheticVQADataset(torch.utils.data.Dataset):
+    """``size`` training examples ``make_example(seed, index)``, rendered and encoded when asked for."""
+
+    def __init__(self, collator: LlavaCollator, size: int, seed: int, *, questions_per_image: int = 3,
+                 type_weights: dict | None = None, image_sizes: Sequence[int] = TRAIN_IMAGE_SIZES,
+                 split: str = "train"):
+        self.collator = collator
+        self.size = size
+        self.seed = seed
+        self.questions_per_image = questions_per_image
+        self.type_weights = type_weights
+        self.image_sizes = tuple(image_sizes)
+        self.split = split
+
+    def __len__(self) -> int:
+        return self.size
+
+    def record(self, index: int) -> tuple[Image.Image, dict]:
+        from fastllava.train.synthetic_data import make_example
+
+        image, record = make_example(self.seed, index, self.split, questions_per_image=self.questions_per_image,
+                                     image_size=self.image_sizes, image_format="mixed",
+                                     type_weights=self.type_weights)
+        return _roundtrip(image, record), record
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        image, record = self.record(index)
+        return self.collator.encode(record, images=[image])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Stage 0a: the vision tower learns to see, from dense scene labels (stands in for CLIP pretraining)
+
+
+def scene_patch_labels(scene: dict, grid: int) -> torch.Tensor:
+    """(3, grid*grid) long: per patch the shape kind and colour covering it most (0 = background, a patch counts as
+    covered from 25% coverage) and whether it holds a shape's centre (1) or not (0)."""
+    import numpy as np
+
+    from fastllava.train.shapes import COLORS, SHAPES, shape_mask
+
+    width, height = int(scene["width"]), int(scene["height"])
+    cover = np.zeros((len(scene["shapes"]) + 1, height, width), dtype=np.float32)
+    cover[0] = 0.25  # the background wins below 25% coverage
+    centers = torch.zeros(grid * grid, dtype=torch.long)
+    for i, shape in enumerate(scene["shapes"], 1):
+        mask, (x0, y0) = shape_mask(shape)
+        m = np.asarray(mask, dtype=np.float32) / 255.0
+        xs, ys = max(0, x0), max(0, y0)
+        xe, ye = min(width, x0 + m.shape[1]), min(height, y0 + m.shape[0])
+        cover[i, ys:ye, xs:xe] = m[ys - y0:ye - y0, xs - x0:xe - x0]
+        col = min(grid - 1, int(shape["cx"] * grid / width))
+        row = min(grid - 1, int(shape["cy"] * grid / height))
+        centers[row * grid + col] = 1
+    # (N+1, grid, h, grid, w) -> mean coverage per patch cell
+    cells = cover[:, : height - height % grid, : width - width % grid]
+    cells = cells.reshape(len(cover), grid, cells.shape[1] // grid, grid, cells.shape[2] // grid).mean(axis=(2, 4))
+    owner = torch.from_numpy(cells.reshape(len(cover), -1).argmax(axis=0))  # (grid*grid,) 0 = background
+    kinds = torch.tensor([0] + [1 + SHAPES.index(s["shape"]) for s in scene["shapes"]])
+    colors = torch.tensor([0] + [1 + list(COLORS).index(s["color"]) for s in scene["shapes"]])
+    return torch.stack([kinds[owner], colors[owner], centers])
+
+
+class VisionPretrainDataset(torch.utils.data.Dataset):
+    """Pictures with per-patch labels (``scene_patch_labels``) for the vision tower's own pretraining."""
+
+    def __init__(self, image_processor: Any, size: int, seed: int, grid: int,
+                 image_sizes: Sequence[int] = TRAIN_IMAGE_SIZES):
+        self.image_processor = image_processor
+        self.size, self.seed, self.grid, self.image_sizes = size, seed, grid, tuple(image_sizes)
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        from fastllava.train.synthetic_data import make_example
+
+        # square pictures: the processor's resize + centre crop keeps the whole picture, so the grid maps 1:1
+        image, record = make_example(self.seed, index, "train", questions_per_image=0, image_size=self.image_sizes,
+                                     image_format="mixed")
+        pixels = self.image_processor([_roundtrip(image, record)], return_tensors="pt")["pixel_values"][0]
+        return pixels, scene_patch_labels(record["scene"], self.grid)
+
+
+class PatchHeads(torch.nn.Module):
+    """Linear read-outs of shape kind, colour and shape centre from each patch feature (discarded afterwards)."""
+
+    def __init__(self, hidden: int):
+        from fastllava.train.shapes import COLORS, SHAPES
+
+        super().__init__()
+        self.kind = torch.nn.Linear(hidden, len(SHAPES) + 1)
+        self.color = torch.nn.Linear(hidden, len(COLORS) + 1)
+        self.center = torch.nn.Linear(hidden, 2)
+
+    def loss(self, features: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        """features (B, P, C), labels (B, 3, P) -> summed cross-entropies and per-head accuracies."""
+        out, stats = 0.0, {}
+        for i, head in enumerate((self.kind, self.color, self.center)):
+            logits = head(features)  # (B, P, classes)
+            target = labels[:, i]
+            out = out + F.cross_entropy(logits.flatten(0, 1), target.flatten())
+            stats[("kind", "color", "center")[i]] = float((logits.argmax(-1) == target).float().mean())
+        return out, stats
+
+
+def pretrain_vision_tower(model: Any, image_processor: Any, recipe: "DemoRecipe", seed: int, steps: int,
+                          workers: int = 1, progress: bool = True) -> dict[str, Any]:
+    """Train ``model.vision_tower`` alone with ``PatchHeads`` on the features LLaVA uses (layer
+    ``vision_feature_layer``, class token dropped): AdamW, warmup + cosine. Returns the last metrics."""
+    from fastllava.train.trainer import lr_lambda
+
+    from tqdm.auto import tqdm
+
+    tower = model.model.vision_tower
+    layer = model.config.vision_feature_layer
+    grid = recipe.image_size // recipe.patch_size
+    heads = PatchHeads(model.config.vision_config.hidden_size)
+    params = [p for p in tower.parameters()] + list(heads.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    optimizer = torch.optim.AdamW(params, lr=recipe.vision_lr, weight_decay=0.0)
+    warmup = max(1, round(recipe.warmup_ratio * steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_lambda(s, warmup, steps, 0.1))
+    data = VisionPretrainDataset(image_processor, steps * recipe.vision_batch_size, seed, grid)
+    loader = torch.utils.data.DataLoader(data, batch_size=recipe.vision_batch_size, shuffle=False,
+                                         num_workers=workers, prefetch_factor=4 if workers else None)
+    tower.train()
+    bar = tqdm(total=steps, desc="train[vision]", disable=not progress, file=sys.stderr, dynamic_ncols=True)
+    log: list[dict[str, Any]] = []
+    t0 = time.perf_counter()
+    stats: dict[str, float] = {}
+    for step, (pixels, labels) in enumerate(loader, 1):
+        features = tower.hidden_states_at(pixels, [layer])[0][:, 1:]  # (B, P, C): the patches LLaVA sees
+        loss, stats = heads.loss(features, labels)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        stats["loss"] = float(loss.detach())
+        bar.update(1)
+        bar.set_postfix(loss=f"{stats['loss']:.3f}", kind=f"{stats['kind']:.3f}", center=f"{stats['center']:.3f}")
+        if step % 50 == 0 or step == steps:
+            log.append({"step": step, **{k: round(v, 4) for k, v in stats.items()},
+                        "seconds": round(time.perf_counter() - t0, 1)})
+            bar.write(json.dumps(log[-1]))
+    bar.close()
+    return {"metrics": stats, "log": log}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Evaluation
+
+
+def make_answer_fn(model: Any, processor: Any, max_new_tokens: int = 32) -> Callable[[Image.Image | None, str], str]:
+    """``answer_fn(image, question)`` for the eval runner: the chat template, then greedy ``model.generate``."""
+
+    @torch.inference_mode()
+    def answer(image: Image.Image | None, question: str) -> str:
+        content = ([{"type": "image"}] if image is not None else []) + [{"type": "text", "text": question}]
+        prompt = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+        inputs = processor(images=[image] if image is not None else None, text=prompt, return_tensors="pt")
+        inputs = {k: v for k, v in inputs.items()}
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+        new = out[0, inputs["input_ids"].shape[1]:]
+        return processor.decode(new, skip_special_tokens=True).strip()
+
+    return answer
+
+
+def write_eval_set(directory: str | os.PathLike, num_questions: int, seed: int = EVAL_SEED) -> Path:
+    """Held-out questions (held-out phrasings and renderings, a seed never trained on), one per image, on disk."""
+    from fastllava.train.synthetic_data import generate_dataset
+
+    return generate_dataset(directory, num_questions, seed=seed, split="heldout", questions_per_image=1,
+                            image_size=EVAL_IMAGE_SIZES, image_format="mixed")
+
+
+def evaluate_model(model: Any, processor: Any, json_path: str | os.PathLike, progress: bool = True) -> dict:
+    from fastllava.eval.runner import evaluate, load_llava_json
+
+    json_path = Path(json_path)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(desc="eval (greedy generate)", file=sys.stderr, dynamic_ncols=True)
+
+    def tick(done: int, total: int) -> None:
+        if bar is not None:
+            bar.total = total
+            bar.update(done - bar.n)
+
+    model.eval()
+    result = evaluate(load_llava_json(json_path), json_path.parent, make_answer_fn(model, processor),
+                      max_mistakes=50, progress=tick)
+    if bar is not None:
+        bar.close()
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The pipeline
+
+
+def _stage_args(work: Path, stage: str, steps: int, lr: float, recipe: DemoRecipe, seed: int, progress: bool,
+                threads: int, workers: int, **extra: Any) -> TrainingArguments:
+    return TrainingArguments(
+        output_dir=str(work / stage), stage=stage, max_steps=steps, learning_rate=lr,
+        warmup_ratio=recipe.warmup_ratio, per_device_train_batch_size=recipe.batch_size, max_grad_norm=1.0,
+        weight_decay=extra.pop("weight_decay", 0.0), min_lr_ratio=extra.pop("min_lr_ratio", 0.0),
+        logging_steps=extra.pop("logging_steps", 50), precision="fp32", device="cpu", num_threads=threads,
+        dataloader_num_workers=workers, save_final=False, seed=seed, progress=progress, **extra,
+    )
+
+
+def build_demo(output_dir: str | os.PathLike, *, recipe: DemoRecipe | None = None, seed: int = 0,
+               work_dir: str | os.PathLike | None = None, threads: int = 2, workers: int = 1,
+               progress: bool = True, image_path: str | os.PathLike | None = None,
+               eval_questions: int | None = None) -> dict:
+    """Run the whole pipeline (module docstring); returns a summary with timings and held-out accuracy."""
+    from fastllava.eval.runner import format_report
+    from fastllava.generation.config import GenerationConfig
+    from fastllava.models.llava import LlavaForConditionalGeneration
+
+    recipe = recipe or DemoRecipe()
+    torch.set_num_threads(threads)
+    output_dir = Path(output_dir)
+    work = Path(work_dir) if work_dir is not None else Path("out") / "train-demo"
+    work.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+    t_start = time.perf_counter()
+
+    def log(message: str) -> None:
+        print(f"[train-demo {time.perf_counter() - t_start:7.1f}s] {message}", file=sys.stderr, flush=True)
+
+    # 1-2. tokenizer + processor
+    t0 = time.perf_counter()
+    processor = build_processor(work / "processor", recipe)
+    tokenizer = processor.tokenizer
+    special = {"bos": tokenizer.bos_token_id, "eos": tokenizer.eos_token_id, "pad": tokenizer.pad_token_id,
+               "image": processor.image_token_id}
+    vocab_size = 64 * math.ceil(len(tokenizer) / 64)
+    timings["tokenizer"] = time.perf_counter() - t0
+    log(f"tokenizer: {len(tokenizer)} tokens (embedding rows {vocab_size})")
+
+    # held-out eval set on disk + a small in-memory loss set
+    t0 = time.perf_counter()
+    n_eval = eval_questions if eval_questions is not None else recipe.eval_questions
+    eval_json = write_eval_set(work / "heldout", n_eval)
+    timings["eval_data"] = time.perf_counter() - t0
+    collator = LlavaCollator(processor)
+    loss_set = SyntheticVQADataset(collator, 128, EVAL_SEED + 1, split="heldout",
+                                   questions_per_image=recipe.questions_per_image, image_sizes=EVAL_IMAGE_SIZES)
+
+    # 3. model from scratch
+    torch.manual_seed(seed)
+    random.seed(seed)
+    config = demo_config(recipe, vocab_size, special)
+    model = LlavaForConditionalGeneration(config)
+    model.generation_config = GenerationConfig(bos_token_id=special["bos"], eos_token_id=special["eos"],
+                                               pad_token_id=special["pad"], max_new_tokens=64, do_sample=False)
+    n_params = model.num_parameters()
+    log(f"model: {n_params / 1e6:.2f}M parameters")
+
+    history: dict[str, Any] = {}
+    # 3a. the vision tower learns to see (stands in for CLIP pretraining)
+    t0 = time.perf_counter()
+    history["vision"] = pretrain_vision_tower(model, processor.image_processor, recipe, seed * 10 + 9,
+                                              recipe.vision_steps, workers=workers, progress=progress)
+    history["vision"].update(steps=recipe.vision_steps, learning_rate=recipe.vision_lr,
+                             examples=recipe.vision_steps * recipe.vision_batch_size)
+    timings["stage_vision"] = time.perf_counter() - t0
+    log(f"stage vision: {recipe.vision_steps} steps in {timings['stage_vision']:.0f}s, "
+        f"{json.dumps(history['vision']['metrics'])}")
+
+    # 3b-4. whole model from scratch on QA, then the two LLaVA stages
+    stages = [
+        # (stage, steps, lr, extra trainer args, question type weights, questions per image)
+        ("full", recipe.full_steps, recipe.full_lr, {"vision_tower_lr": recipe.full_vision_lr, "min_lr_ratio": 0.1},
+         TRAIN_TYPE_WEIGHTS, recipe.questions_per_image),
+        ("pretrain", recipe.pretrain_steps, recipe.pretrain_lr, {}, {"describe": 1.0}, 1),
+        ("finetune", recipe.finetune_steps, recipe.finetune_lr, {}, TRAIN_TYPE_WEIGHTS, recipe.questions_per_image),
+    ]
+    for number, (stage, steps, lr, extra, weights, qpi) in enumerate(stages):
+        t0 = time.perf_counter()
+        data = SyntheticVQADataset(collator, steps * recipe.batch_size, seed * 10 + number,
+                                   questions_per_image=qpi, type_weights=weights)
+        args = _stage_args(work, stage, steps, lr, recipe, seed, progress, threads, workers,
+                           eval_steps=max(1, steps // 3), eval_max_batches=4, **extra)
+        trainer = Trainer(model, processor, args, data, loss_set, data_collator=collator)
+        metrics = trainer.train()
+        timings[f"stage_{stage}"] = time.perf_counter() - t0
+        history[stage] = {"steps": steps, "learning_rate": lr, "examples": len(data),
+                          "trainable_parameters": trainer.trainable_counts, "metrics": metrics,
+                          "log": trainer.log_history}
+        log(f"stage {stage}: {steps} steps in {timings[f'stage_{stage}']:.0f}s, {json.dumps(metrics)}")
+    train_seconds = time.perf_counter() - t_start
+
+    # 5. evaluate, then write the checkpoint
+    t0 = time.perf_counter()
+    model.eval()
+    result = evaluate_model(model, processor, eval_json, progress=progress)
+    timings["eval"] = time.perf_counter() - t0
+    log("held-out accuracy:\n" + format_report(result))
+
+    output_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(output_dir)
+    processor.save_pretrained(output_dir)
+    summary = {
+        "seed": seed, "recipe": asdict(recipe), "parameters": n_params, "timings_seconds": timings,
+        "train_seconds": train_seconds, "threads": threads, "machine": _machine(),
+        "heldout": {k: result[k] for k in ("overall", "per_type")}, "stages": history,
+        "eval_set": {"seed": EVAL_SEED, "split": "heldout", "questions": n_eval, "image_sizes": EVAL_IMAGE_SIZES},
+        "mistakes": result["mistakes"][:20],
+    }
+    (output_dir / "training_summary.json").write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
+    (output_dir / "README.md").write_text(model_card(summary, format_report(result)), encoding="utf-8")
+    if image_path is not None:
+        write_demo_image(image_path)
+    log(f"wrote {output_dir} ({_dir_size(output_dir) / 1e6:.1f} MB)")
+    return summary
+
+
+def write_demo_image(path: str | os.PathLike, seed: int = 2024) -> Path:
+    """A clear 256 px picture for the CLI's default chat: three shapes of different colours on a plain ground."""
+    from fastllava.train.shapes import render_scene
+
+    scene = {"width": 256, "height": 256,
+             "background": {"style": "vgradient", "colors": [[236, 236, 228], [206, 214, 226]], "noise": 0.0,
+                            "noise_seed": seed},
+             "shapes": [
+                 {"shape": "circle", "color": "red", "rgb": [220, 40, 40], "cx": 64, "cy": 80, "size": 88,
+                  "rotation": 0.0},
+                 {"shape": "square", "color": "blue", "rgb": [40, 80, 220], "cx": 182, "cy": 90, "size": 84,
+                  "rotation": 5.0},
+                 {"shape": "triangle", "color": "green", "rgb": [40, 170, 60], "cx": 128, "cy": 190, "size": 92,
+                  "rotation": 0.0},
+             ]}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    render_scene(scene).save(path, format="PNG", compress_level=9)
+    return path
+
+
+def _machine() -> str:
+    return f"{platform.machine()} {os.cpu_count()} cpus, torch {torch.__version__}"
+
+
+def _dir_size(directory: Path) -> int:
+    return sum(p.stat().st_size for p in directory.iterdir() if p.is_file())
+
+
+def _percent(x: float) -> str:
+    return f"{100 * x:.1f}%"
+
+
+def model_card(summary: dict, report: str) -> str:
+    recipe = summary["recipe"]
+    stages = summary["stages"]
+    per_type = summary["heldout"]["per_type"]
+    rows = "\n".join(f"| {t} | {c['correct']}/{c['total']} | {_percent(c['accuracy'])} |" for t, c in per_type.items())
+    overall = summary["heldout"]["overall"]
+    minutes = summary["train_seconds"] / 60
+    params = summary["parameters"]
+
+    def stage_row(name: str, what: str) -> str:
+        s = stages[name]
+        trainable = sum(s["trainable_parameters"].values())
+        return (f"| {name} | {what} | {s['steps']} | {s['examples']} | {s['learning_rate']:g} | "
+                f"{trainable / 1e6:.2f}M | {s['metrics'].get('train_loss', float('nan')):.3f} |")
+
+    return f"""---
+license: apache-2.0
+library_name: fastllava
+pipeline_tag: image-text-to-text
+tags: [llava, demo, synthetic]
+---
+
+# fastllava demo model: a tiny LLaVA for pictures of coloured shapes
+
+A {params / 1e6:.1f}M-parameter LLaVA (CLIP-style vision tower, two-layer GELU projector, Llama-style text model)
+built by `fastllava train-demo` from seed {summary['seed']} on a CPU, with no download. It answers short questions
+about simple pictures: the colour or shape of an object, how many there are, yes/no questions ("is there a red
+circle?"), left/right/top/bottom, and a short description. It knows 6 shapes (circle, square, triangle, star,
+diamond, cross) and 8 colours, and the words of the synthetic generator's questions; it is a demonstration of the
+library and of the LLaVA recipe, not a general assistant: it cannot describe photographs.
+
+The checkpoint has the Hugging Face layout: it loads with `fastllava` and with `transformers`
+(`LlavaForConditionalGeneration`, `AutoProcessor`).
+
+```python
+from PIL import Image
+from fastllava import AutoProcessor, LlavaForConditionalGeneration
+
+model = LlavaForConditionalGeneration.from_pretrained("fastllava/demo/model")
+processor = AutoProcessor.from_pretrained("fastllava/demo/model")
+conversation = [{{"role": "user", "content": [{{"type": "image"}}, {{"type": "text", "text": "What colour is the circle?"}}]}}]
+prompt = processor.apply_chat_template(conversation, add_generation_prompt=True)
+inputs = processor(images=Image.open("fastllava/demo/image.png"), text=prompt, return_tensors="pt")
+out = model.generate(**inputs, max_new_tokens=20)
+print(processor.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
+```
+
+Prompt format (llava-1.5 style): `USER: <image>\\n{{question}} ASSISTANT: {{answer}}</s>`; the image becomes
+{(recipe['image_size'] // recipe['patch_size']) ** 2} placeholder tokens (64x64 pixels, 8x8 patches, class token dropped).
+
+## Architecture
+
+| part | configuration |
+|---|---|
+| vision tower | CLIP ViT, {recipe['image_size']}x{recipe['image_size']} px, patch {recipe['patch_size']}, hidden {recipe['vision_hidden']}, {recipe['vision_layers']} layers, {recipe['vision_heads']} heads, MLP {recipe['vision_intermediate']}; features of the second-to-last layer, class token dropped |
+| projector | Linear({recipe['vision_hidden']} -> {recipe['text_hidden']}) - GELU - Linear({recipe['text_hidden']} -> {recipe['text_hidden']}) |
+| text model | Llama, hidden {recipe['text_hidden']}, {recipe['text_layers']} layers, {recipe['text_heads']} heads, MLP {recipe['text_intermediate']} (SwiGLU), RoPE, untied lm_head |
+| tokenizer | byte-level BPE trained on the generator's text (ids 0-4: `<unk> <s> </s> <pad> <image>`) |
+| weights | float32 safetensors, {params / 1e6:.2f}M parameters |
+
+## Data
+
+Synthetic pictures from `fastllava.train.synthetic_data`: 1-4 non-overlapping shapes on plain, gradient or
+noisy grounds, rendered at {', '.join(str(s) for s in TRAIN_IMAGE_SIZES)} px and stored as PNG or JPEG, each with
+{recipe['questions_per_image']} questions asked as a multi-turn conversation (question types weighted
+{', '.join(f'{k} {v:g}' for k, v in TRAIN_TYPE_WEIGHTS.items())}). Every training example is rendered fresh from
+(seed, index): no picture is seen twice. Questions use the generator's *train* phrasings (many templates, synonyms,
+"color"/"colour", with and without articles, question marks, prefixes and answer-format suffixes, mixed casing).
+
+## Recipe
+
+No pretrained vision tower or language model is available offline, so before the two LLaVA-1.5 stages the whole
+model is trained from random initialisation (stage 0). Stage 0 does most of the learning; the LLaVA stages then
+follow the recipe with the fastllava trainer (AdamW, no weight decay, linear warmup {recipe['warmup_ratio']:g} of the
+steps then cosine decay, gradient clipping 1.0, batch {recipe['batch_size']}, loss on the assistant's answer tokens and
+their `</s>` only, float32 on CPU).
+
+| stage | what learns | steps | examples | peak lr | trainable | final loss |
+|---|---|---|---|---|---|---|
+{stage_row('full', 'everything, from scratch (not part of LLaVA: replaces CLIP/Llama pretraining)')}
+{stage_row('pretrain', 'projector only (LLaVA stage 1, feature alignment on "describe" captions)')}
+{stage_row('finetune', 'projector + text model, vision frozen (LLaVA stage 2, visual instruction tuning)')}
+
+Total time: {minutes:.1f} minutes ({summary['machine']}, {summary['threads']} threads), one command:
+`fastllava train-demo` (seed {summary['seed']}).
+
+## Evaluation
+
+{summary['eval_set']['questions']} held-out questions, one per picture, from seed {summary['eval_set']['seed']} (never used in
+training), with the generator's *held-out* phrasings (templates, prefixes and suffixes not seen in training) and
+held-out renderings (diagonal and radial gradient backgrounds, a band of shape sizes between the trained ones, lower
+JPEG qualities, image sizes {', '.join(str(s) for s in summary['eval_set']['image_sizes'])} px). Greedy decoding
+with `model.generate`, scored by `fastllava.eval` (normalised exact match; descriptions as multisets of
+"colour shape").
+
+| question type | correct | accuracy |
+|---|---|---|
+{rows}
+| **overall** | {overall['correct']}/{overall['total']} | **{_percent(overall['accuracy'])}** |
+
+## Limitations
+
+Only the generator's world: 6 shapes, 8 colours, up to 4 objects, simple grounds. Its vocabulary is the
+generator's (questions with other words are tokenized, but the model has never seen them). Answers are one word,
+a number, yes/no, or a short list of "colour shape" items.
+"""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Command line: fastllava train-demo
+
+
+def demo_main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="fastllava train-demo", description=(
+        "Rebuild the bundled demo model from scratch (synthetic data, tokenizer, from-scratch stage, LLaVA "
+        "pretrain and finetune stages, held-out evaluation) into --output."))
+    p.add_argument("--output", default=str(PACKAGE_DEMO_DIR / "model"),
+                   help="where to write the checkpoint (default: the package's bundled demo model)")
+    p.add_argument("--image", default=None,
+                   help="where to write the demo picture (default: image.png beside the model directory)")
+    p.add_argument("--work-dir", default=str(Path("out") / "train-demo"),
+                   help="scratch folder: the held-out eval set, the processor, stage outputs")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--workers", type=int, default=1, help="DataLoader worker processes rendering the data")
+    p.add_argument("--scale", type=float, default=1.0, help="multiply every stage's steps (e.g. 0.1 for a trial)")
+    p.add_argument("--eval-questions", type=int, default=None)
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(list(argv) if argv is not None else None)
+    recipe = DemoRecipe()
+    if args.scale != 1.0:
+        recipe = recipe.scaled(args.scale)
+    image = args.image or str(Path(args.output).parent / "image.png")
+    summary = build_demo(args.output, recipe=recipe, seed=args.seed, work_dir=args.work_dir, threads=args.threads,
+                         workers=args.workers, progress=not args.no_progress, image_path=image,
+                         eval_questions=args.eval_questions)
+    print(json.dumps({"train_minutes": round(summary["train_seconds"] / 60, 2),
+                      "heldout": summary["heldout"]}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(demo_main())
