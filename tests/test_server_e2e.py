@@ -28,7 +28,8 @@ import pytest
 from PIL import Image
 
 MODEL = "tiny-llava15"
-HTTP = httpx.Client(timeout=60)
+KEY = "test-key"
+HTTP = httpx.Client(timeout=60, headers={"Authorization": f"Bearer {KEY}"})
 
 
 def free_port() -> int:
@@ -37,9 +38,10 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def data_url(color=(200, 40, 40), size=(40, 30)) -> str:
+def data_url(color=(200, 40, 40), size=(40, 30), noise=False) -> str:
     buf = io.BytesIO()
-    Image.new("RGB", size, color).save(buf, "PNG")
+    image = Image.frombytes("RGB", size, os.urandom(size[0] * size[1] * 3)) if noise else Image.new("RGB", size, color)
+    image.save(buf, "PNG")
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
@@ -64,8 +66,9 @@ def server(tmp_path_factory):
     log = open(log_path, "w")
     command = [sys.executable, "-m", "fastllava.server", "--model", str(checkpoint), "--served-model-name", MODEL,
                "--port", str(port), "--max-num-seqs", "4", "--max-queued-requests", "2", "--max-model-len", "256",
-               "--log-level", "info"]
-    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+               "--max-body-bytes", str(1 << 20), "--limit-images-per-prompt", "4", "--log-level", "info"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "FASTLLAVA_API_KEY": KEY}  # the key via the environment
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
     statuses = []
     try:
@@ -88,7 +91,7 @@ def server(tmp_path_factory):
 
         live = Server()
         live.url, live.checkpoint, live.log_path, live.health_statuses = url, checkpoint, log_path, statuses
-        live.client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        live.client = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=60)
         yield live
     finally:
         process.terminate()
@@ -121,6 +124,10 @@ def test_chat_with_image_streamed_and_not(server):
         assert getattr(usage, field) == getattr(streamed_usage, field), field
     assert usage.prompt_tokens_details.image_tokens == streamed_usage.prompt_tokens_details.image_tokens == 16
     assert streamed_usage.prompt_tokens_details.cached_tokens > 0
+    assert chunks[0].choices[0].delta.role == "assistant" and all(c.usage is None for c in chunks[:-1])
+    bare = list(client.chat.completions.create(model=MODEL, messages=messages, max_tokens=3, temperature=0,
+                                               stream=True))
+    assert all(c.choices and c.usage is None for c in bare)  # no usage chunk unless include_usage
     # prompt tokens are what the model's own processor makes of the conversation, image placeholders included
     from PIL import Image as _Image  # noqa: F401  (the processor takes the decoded image)
 
@@ -145,6 +152,13 @@ def test_n_seed_stop_logprobs(server):
     texts = [c.message.content for c in first.choices]
     assert len(texts) == 2 and texts == [c.message.content for c in again.choices]
     assert first.usage.completion_tokens == 8
+    chunks = list(client.chat.completions.create(model=MODEL, messages=messages, max_tokens=4, n=2, temperature=1.0,
+                                                 seed=1234, stream=True, extra_body=extra))
+    streamed = {0: "", 1: ""}
+    for chunk in chunks:
+        for choice in chunk.choices:
+            streamed[choice.index] += choice.delta.content or ""
+    assert [streamed[0], streamed[1]] == texts  # the same seed streamed: the same two samples
 
     greedy = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=16, temperature=0,
                                             logprobs=True, top_logprobs=3, extra_body=extra)
@@ -159,16 +173,23 @@ def test_n_seed_stop_logprobs(server):
     assert stopped.choices[0].message.content == text[: text.index(word.group())]
 
 
-def test_completions_models_metrics(server):
+def test_completions_models_tokenize_metrics(server):
     client = server.client
-    plain = client.completions.create(model=MODEL, prompt="The square is", max_tokens=6, temperature=0,
+    plain = client.completions.create(model=MODEL, prompt="The square is", max_tokens=6, temperature=0, logprobs=2,
                                       extra_body={"ignore_eos": True})
     streamed = list(client.completions.create(model=MODEL, prompt="The square is", max_tokens=6, temperature=0,
-                                              stream=True, extra_body={"ignore_eos": True}))
+                                              stream=True, stream_options={"include_usage": True},
+                                              extra_body={"ignore_eos": True}))
     assert "".join(c.choices[0].text for c in streamed if c.choices) == plain.choices[0].text
-    assert plain.usage.completion_tokens == 6
+    assert plain.usage.completion_tokens == 6 and streamed[-1].usage.completion_tokens == 6
+    assert streamed[-1].usage.prompt_tokens == plain.usage.prompt_tokens
+    logprobs = plain.choices[0].logprobs
+    assert len(logprobs.tokens) == len(logprobs.token_logprobs) == 6 and all(len(t) == 2 for t in logprobs.top_logprobs)
+    counted = HTTP.post(server.url + "/tokenize", json={"prompt": "The square is"}).json()
+    assert counted["count"] == plain.usage.prompt_tokens and counted["max_model_len"] == 256
     models = client.models.list().data
     assert [m.id for m in models] == [MODEL] and models[0].model_extra["max_model_len"] == 256
+    assert client.models.retrieve(MODEL).id == MODEL
     metrics = HTTP.get(server.url + "/metrics").text
     assert metric(metrics, "fastllava_engine_tokens_generated_total") > 0
     assert metric(metrics, 'fastllava_http_requests_total{endpoint="chat",status="200"}') >= 1
@@ -177,11 +198,74 @@ def test_completions_models_metrics(server):
         metric(metrics, name)
 
 
-def test_context_overflow_is_400_and_server_stays_healthy(server):
+def assert_error(response: httpx.Response, status: int, code: str | None = None) -> dict:
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}, body
+    assert code is None or body["error"]["code"] == code, body
+    return body["error"]
+
+
+def test_errors_have_openai_shape_and_status_and_leave_the_server_healthy(server):
+    url = server.url + "/v1/chat/completions"
+    client = server.client
+    # 400: malformed JSON (a big broken body is not echoed), wrong types, too many images, prompt too long
+    huge = b'{"model": "x", "messages": [' + b'"x' * 300_000
+    error = assert_error(HTTP.post(url, content=huge, headers={"content-type": "application/json"}), 400, "invalid_json")
+    assert len(error["message"]) < 300 and "xxxx" not in error["message"]
+    error = assert_error(HTTP.post(url, json={"model": MODEL, "messages": image_messages(), "temperature": "hot"}),
+                         400, "invalid_request")
+    assert error["param"] == "temperature" and "hot" not in error["message"]
+    error = assert_error(HTTP.post(url, json={"model": MODEL, "messages": [{"role": "robot", "content": "y" * 500}] * 500}),
+                         400)
+    assert len(error["message"]) <= 1000 and "yyyy" not in error["message"]
     with pytest.raises(openai.BadRequestError) as info:
-        server.client.chat.completions.create(model=MODEL, messages=image_messages(), max_tokens=1000)
-    assert info.value.body["code"] == "context_length_exceeded"
+        client.chat.completions.create(model=MODEL, messages=image_messages(url=data_url()) * 5)
+    assert info.value.body["code"] == "too_many_images"
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model=MODEL, messages=image_messages(), max_tokens=1000)
+    assert info.value.body["code"] == "context_length_exceeded" and "256" in info.value.body["message"]
+    # 404 unknown model, 401 bad key (also on /tokenize and /metrics), 413 body too large, 422 bad image
+    with pytest.raises(openai.NotFoundError) as info:
+        client.chat.completions.create(model="gpt-9", messages=image_messages())
+    assert info.value.body["code"] == "model_not_found"
+    bad_key = openai.OpenAI(base_url=server.url + "/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        bad_key.chat.completions.create(model=MODEL, messages=image_messages())
+    for method, path in (("GET", "/v1/models"), ("POST", "/tokenize"), ("GET", "/metrics"), ("POST", "/v1/completions")):
+        assert_error(httpx.request(method, server.url + path, json={"prompt": "a"}), 401, "invalid_api_key")
+    big = data_url(size=(600, 600), noise=True)  # ~1.1 MB of PNG, ~1.4 MB base64'd: over --max-body-bytes 1 MiB
+    assert_error(HTTP.post(url, json={"model": MODEL, "messages": image_messages(url=big), "max_tokens": 1}), 413,
+                 "request_too_large")
+    sent = []
+
+    def chunks():  # no Content-Length: refused as soon as 1 MiB has arrived, without reading the rest
+        for _ in range(2000):
+            sent.append(1)
+            yield b" " * 4096
+
+    try:
+        assert_error(HTTP.post(url, content=chunks(), headers={"content-type": "application/json"}), 413)
+    except httpx.TransportError:
+        pass  # the server may close before the client has finished writing
+    assert len(sent) < 2000
+    broken = "data:image/png;base64," + base64.b64encode(b"\x89PNG not really").decode()
+    error = assert_error(HTTP.post(url, json={"model": MODEL, "messages": image_messages(url=broken)}), 422,
+                         "invalid_image")
+    assert error["param"] == "messages[0].content[0].image_url.url"
+    blocked = HTTP.post(url, json={"model": MODEL, "messages": image_messages(url="http://127.0.0.1:1/x.png")})
+    assert_error(blocked, 422, "media_url_forbidden")
+    assert_error(HTTP.post(url, json={"model": MODEL, "messages": image_messages(), "n": 99}), 400)
+    assert_error(HTTP.post(url, json={"model": MODEL, "messages": image_messages(),
+                                      "response_format": {"type": "json_object"}}), 400, "unsupported_parameter")
+    assert_error(HTTP.get(server.url + "/v2/nothing"), 404)
+    # and the server still answers
     assert HTTP.get(server.url + "/health").status_code == 200
+    assert client.chat.completions.create(model=MODEL, messages=image_messages(), max_tokens=2).choices
+    metrics = HTTP.get(server.url + "/metrics").text
+    for reason in ("invalid_json", "invalid_request", "unsupported_parameter", "too_many_images", "context_length_exceeded", "invalid_api_key",
+                   "request_too_large", "invalid_image", "media_url_forbidden", "model_not_found"):
+        assert metric(metrics, f'fastllava_requests_rejected_total{{reason="{reason}"}}') >= 1, reason
 
 
 def _idle(url: str) -> bool:
@@ -208,13 +292,13 @@ def test_disconnect_aborts_and_frees_memory(server, stream):
     body = {"model": MODEL, "messages": image_messages("Tell me everything."), "max_tokens": 200, "temperature": 0,
             "ignore_eos": True, "stream": stream}
     if stream:
-        with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, timeout=60) as response:
+        with HTTP.stream("POST", server.url + "/v1/chat/completions", json=body, timeout=60) as response:
             for line in response.iter_lines():
                 if '"content": "' in line and '"content": ""' not in line:
                     break  # the first token has arrived: leave now
     else:
         with pytest.raises(httpx.ReadTimeout):
-            httpx.post(server.url + "/v1/chat/completions", json=body, timeout=0.5)
+            HTTP.post(server.url + "/v1/chat/completions", json=body, timeout=0.5)
     assert _wait(lambda: metric(HTTP.get(server.url + "/metrics").text, "fastllava_engine_requests_aborted_total")
                  == aborted + 1)
     assert _wait(lambda: _idle(server.url)), HTTP.get(server.url + "/metrics").text
@@ -263,7 +347,7 @@ def test_load_mixed_clients_overflow_and_disconnects(server):
 
     async def main() -> None:
         limits = httpx.Limits(max_connections=8, max_keepalive_connections=8)
-        async with httpx.AsyncClient(timeout=60, limits=limits) as client:
+        async with httpx.AsyncClient(timeout=60, limits=limits, headers=HTTP.headers) as client:
             queue = list(range(24))
 
             async def worker() -> None:

@@ -369,4 +369,9 @@ def test_media_errors_through_the_api(image_server):
                            ("/page.html", "invalid_image")):
             response = ask(live, image_server.base + path)
             assert response.status_code == 422 and response.json()["error"]["code"] == code, response.text
+        before = len(image_server.recorder.paths)
+        response = HTTP.post(live.url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": image_server.base + "/img.png"}}] * 9}]})
+        assert response.status_code == 400 and response.json()["error"]["code"] == "too_many_images"
+        assert len(image_server.recorder.paths) == before  # the count is checked before any fetch
         assert HTTP.get(live.url + "/health").status_code == 200
