@@ -85,6 +85,22 @@ def test_full_queue_is_503_with_retry_after():
         assert HTTP.post(url, json={**slow, "stream": False, "max_tokens": 1}).status_code == 200
 
 
+def test_concurrent_uploads_are_bounded_before_reading_bodies():
+    engine = FakeEngine(step_delay=0.05)
+    with serve(engine, max_concurrent_bodies=1) as live:
+        live.wait_ready()
+        url = live.url + "/v1/chat/completions"
+        slow = {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": 10, "stream": True}
+        with HTTP.stream("POST", url, json=slow) as first:
+            assert first.status_code == 200
+            response = HTTP.post(url, content=b"{" * 1000, headers={"content-type": "application/json"})
+            assert_error(response, 503, "server_overloaded")
+            assert response.headers["retry-after"]
+            assert HTTP.get(live.url + "/health").status_code == 200  # GETs are not bounded
+            first.read()
+        assert HTTP.post(url, json={**slow, "stream": False, "max_tokens": 1}).status_code == 200
+
+
 def test_engine_queue_full_is_503():
     with serve(FakeEngine(capacity=0)) as live:
         live.wait_ready()

@@ -235,6 +235,7 @@ def create_app(settings: ServerSettings, loader: Loader) -> Any:
     def on_reject(reason: str) -> None:
         state.metrics.rejected.labels(reason).inc()
 
-    guarded = Guard(app, settings.api_key, settings.max_body_bytes, on_reject)
+    guarded = Guard(app, settings.api_key, settings.max_body_bytes, settings.body_concurrency, on_reject,
+                    settings.retry_after)
     guarded.state = state  # for tests and the CLI
     return guarded

@@ -50,7 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
     limits = p.add_argument_group("limits")
     limits.add_argument("--max-queued-requests", type=int, default=64,
                         help="requests admitted beyond those running; more get 503 + Retry-After")
-    limits.add_argument("--max-body-bytes", type=int, default=64 * MiB)
+    limits.add_argument("--max-body-bytes", type=int, default=32 * MiB, help="largest request body (default 32 MiB)")
+    limits.add_argument("--max-concurrent-uploads", type=int, default=None,
+                        help="requests with a body read at once (default: max-num-seqs + max-queued-requests + 8); "
+                             "bounds the memory held by bodies to this times --max-body-bytes")
     limits.add_argument("--request-timeout", type=float, default=600.0,
                         help="seconds from arrival to the last token, then the request is aborted")
     limits.add_argument("--max-n", type=int, default=16, help="largest n (choices per request)")
@@ -81,6 +84,7 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
     return ServerSettings(
         model_name=name, api_key=args.api_key or None, media=policy, max_running_requests=args.max_num_seqs,
         max_queued_requests=args.max_queued_requests, max_body_bytes=args.max_body_bytes,
+        max_concurrent_bodies=args.max_concurrent_uploads,
         request_timeout=args.request_timeout, default_max_tokens=args.default_max_tokens, max_n=args.max_n,
         max_model_len=args.max_model_len,
     )

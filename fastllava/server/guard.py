@@ -1,10 +1,13 @@
-"""The server's front door, a pure ASGI middleware: API key check, then a bounded request body.
+"""The server's front door, a pure ASGI middleware: API key check, a bound on concurrent uploads, a bounded body.
 
 Runs before any routing or parsing. With an API key configured, every path except the health check and the static
-chat page needs ``Authorization: Bearer KEY`` (compared in constant time) or gets a 401 before its body is read. A
-body larger than ``max_body_bytes`` gets a 413: at once when Content-Length says so, otherwise as soon as the bytes
-read pass the limit (chunked uploads), without reading the rest. The body is read here and replayed to the app, so
-what the app parses is exactly what was counted; later ``receive`` calls go to the server (disconnect detection).
+chat page needs ``Authorization: Bearer KEY`` (compared in constant time) or gets a 401 before its body is read.
+At most ``max_concurrent_bodies`` requests with a body are handled at once (more get an OpenAI-shaped 503 with
+Retry-After before their body is read), so the memory held by request bodies stays below that many times
+``max_body_bytes``. A body larger than ``max_body_bytes`` gets a 413: at once when Content-Length says so,
+otherwise as soon as the bytes read pass the limit (chunked uploads), without reading the rest. The body is read
+here and replayed to the app, so what the app parses is exactly what was counted; later ``receive`` calls go to
+the server (disconnect detection).
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import hmac
 import json
 from typing import Any, Awaitable, Callable
 
-from fastllava.server.errors import APIError
+from fastllava.server.errors import APIError, overloaded
 
 Scope = dict[str, Any]
 Message = dict[str, Any]
@@ -35,12 +38,15 @@ async def send_error(send: Send, error: APIError, close: bool = False) -> None:
 
 
 class Guard:
-    def __init__(self, app: Any, api_key: str | None, max_body_bytes: int,
-                 on_reject: Callable[[str], None] = lambda reason: None):
+    def __init__(self, app: Any, api_key: str | None, max_body_bytes: int, max_concurrent_bodies: int = 1 << 30,
+                 on_reject: Callable[[str], None] = lambda reason: None, retry_after: int = 1):
         self.app = app
         self.api_key = api_key.encode() if api_key else None
         self.max_body_bytes = max_body_bytes
+        self.max_concurrent_bodies = max_concurrent_bodies
+        self.active_bodies = 0  # one event loop: no lock needed
         self.on_reject = on_reject
+        self.retry_after = retry_after
 
     def _authorized(self, scope: Scope) -> bool:
         if self.api_key is None:
@@ -79,7 +85,18 @@ class Guard:
         if scope.get("method") in ("GET", "HEAD", "OPTIONS"):
             await self.app(scope, receive, send)
             return
+        if self.active_bodies >= self.max_concurrent_bodies:
+            self.on_reject("server_overloaded")
+            await send_error(send, overloaded(f"The server is handling {self.active_bodies} requests; retry later",
+                                              self.retry_after), close=True)
+            return
+        self.active_bodies += 1
+        try:
+            await self._with_body(scope, receive, send, too_large)
+        finally:
+            self.active_bodies -= 1
 
+    async def _with_body(self, scope: Scope, receive: Receive, send: Send, too_large: APIError) -> None:
         chunks, total = [], 0
         while True:
             message = await receive()

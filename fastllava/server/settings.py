@@ -16,7 +16,8 @@ class ServerSettings:
     media: MediaPolicy = field(default_factory=MediaPolicy)
     max_running_requests: int = 8  # what the engine runs at once (its max_num_seqs); n counts n
     max_queued_requests: int = 64  # admitted beyond those; more gets 503 + Retry-After, before any work
-    max_body_bytes: int = 64 * MiB
+    max_body_bytes: int = 32 * MiB  # a 20 MiB image is 27 MiB as a data URL
+    max_concurrent_bodies: int | None = None  # requests with a body handled at once (None: max_in_flight + 8)
     request_timeout: float = 600.0  # seconds from arrival to the last token; then aborted (504 / SSE error)
     default_max_tokens: int | None = None  # chat requests without max_tokens (None: until the context is full)
     max_n: int = 16
@@ -26,3 +27,7 @@ class ServerSettings:
     @property
     def max_in_flight(self) -> int:
         return self.max_running_requests + self.max_queued_requests
+
+    @property
+    def body_concurrency(self) -> int:
+        return self.max_concurrent_bodies or self.max_in_flight + 8
