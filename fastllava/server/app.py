@@ -81,7 +81,7 @@ class ServerState:
         return None
 
 
-async def _start_engine(state: ServerState, loader: Loader) -> None:
+async def _start_engine(state: ServerState, loader: Loader, on_failure: Callable[[str], None] | None) -> None:
     try:
         engine, processor = await asyncio.to_thread(loader)
         started = engine.start() if hasattr(engine, "start") else None
@@ -89,9 +89,12 @@ async def _start_engine(state: ServerState, loader: Loader) -> None:
             await started
         state.engine, state.processor, state.ready = engine, processor, True
         logger.info("model '%s' loaded; serving", state.settings.model_name)
-    except Exception as error:  # noqa: BLE001 - reported by /health and every endpoint
-        state.load_error = f"{type(error).__name__}: {error}"
-        logger.exception("loading the model failed")
+    except (Exception, SystemExit) as error:  # noqa: BLE001 - reported by /health and every endpoint
+        state.load_error = str(error) if isinstance(error, SystemExit) else f"{type(error).__name__}: {error}"
+        logger.error("loading the model failed: %s", state.load_error,
+                     exc_info=not isinstance(error, (SystemExit, FileNotFoundError, OSError, ValueError)))
+        if on_failure is not None:
+            on_failure(state.load_error)
 
 
 def _parse(model: type[BaseModel], raw: bytes) -> Any:
@@ -112,14 +115,15 @@ def _parse(model: type[BaseModel], raw: bytes) -> Any:
         raise APIError(400, "The request body is nested too deeply", code="invalid_request") from None
 
 
-def create_app(settings: ServerSettings, loader: Loader) -> Any:
-    """The ASGI app. ``loader()`` -> (engine, processor) runs in a thread once the server is up."""
+def create_app(settings: ServerSettings, loader: Loader, on_load_failure: Callable[[str], None] | None = None) -> Any:
+    """The ASGI app. ``loader()`` -> (engine, processor) runs in a thread once the server is up; if it fails,
+    /health and every endpoint say why (503) and ``on_load_failure(message)`` is called (the CLI then exits)."""
     state = ServerState(settings)
     service = CompletionsService(state)
     background: set[asyncio.Task] = set()
 
     async def lifespan(app: FastAPI):
-        task = asyncio.create_task(_start_engine(state, loader))
+        task = asyncio.create_task(_start_engine(state, loader, on_load_failure))
         background.add(task)
         try:
             yield

@@ -133,11 +133,27 @@ def serve_main(argv: list[str]) -> int:
 
     from fastllava.server.app import create_app
 
-    app = create_app(settings, make_loader(args))
+    if args.model is None:
+        from fastllava.cli import DEMO_MODEL
+
+        if not (DEMO_MODEL / "config.json").is_file():
+            print("error: the bundled demo model is missing from this installation; pass --model DIR_OR_HUB_ID",
+                  file=sys.stderr)
+            return 2
+    failures: list[str] = []
+
+    def on_load_failure(message: str) -> None:  # a server that cannot serve exits (non-zero) instead of idling
+        failures.append(message)
+        server.should_exit = True
+
+    app = create_app(settings, make_loader(args), on_load_failure)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False,
                             timeout_graceful_shutdown=5, server_header=False)
     server = uvicorn.Server(config)
     print(f"fastllava serve: model '{settings.model_name}' on http://{args.host}:{args.port}/ "
           f"(OpenAI API under /v1, chat page at /)", flush=True)
     server.run()
+    if failures:
+        print(f"error: the model could not be loaded: {failures[0]}", file=sys.stderr)
+        return 1
     return 0
