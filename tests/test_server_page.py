@@ -1,6 +1,6 @@
 """The web chat page at / in real headless Chromium (Debian's /usr/bin/chromium driven by Playwright).
 
-Load the page, attach an image through the file input, ask, watch the answer stream in, stop a long answer (the
+Load the page, attach an image through the file input (and by paste and drop), ask, watch the answer stream in, stop a long answer (the
 engine request must be aborted), see a server error shown, and check that Markdown from the model cannot inject
 HTML. A screenshot is saved under the test's tmp_path (its path is printed). The engine is the fake test double:
 this tests the page, not the model. Skipped when Chromium or Playwright is missing (the HTML/JS contract without
@@ -94,6 +94,21 @@ def test_page_upload_ask_stream_stop(browser, tmp_path):
         page.click("#send")
         page.wait_for_selector("#error:not([hidden])")
         assert "422" in page.inner_text("#error") and "allowed" in page.inner_text("#error")
+
+        # an image can also be pasted or dropped onto the page
+        page.click("#attachments .remove")  # drop the refused URL from the composer
+        page.evaluate("""async () => {
+            const canvas = document.createElement('canvas'); canvas.width = 8; canvas.height = 8;
+            const blob = await new Promise(resolve => canvas.toBlob(resolve, 'image/png'));
+            const file = (name) => new File([blob], name, {type: 'image/png'});
+            const pasted = new DataTransfer(); pasted.items.add(file('pasted.png'));
+            document.dispatchEvent(new ClipboardEvent('paste', {clipboardData: pasted, bubbles: true}));
+            const dropped = new DataTransfer(); dropped.items.add(file('dropped.png'));
+            document.dispatchEvent(new DragEvent('drop', {dataTransfer: dropped, bubbles: true, cancelable: true}));
+        }""")
+        page.wait_for_function("document.querySelectorAll('#attachments .attachment').length === 2")
+        assert sorted(page.eval_on_selector_all("#attachments img", "els => els.map(e => e.alt)")) == \
+            ["dropped.png", "pasted.png"]
 
         # Markdown is rendered, and model output cannot inject HTML
         html = page.evaluate("renderMarkdown('**bold** and `x<y`\\n\\n- a\\n- b\\n\\n<img src=x onerror=alert(1)>"
