@@ -243,6 +243,14 @@ class CompletionsService:
         request_id = f"{id_prefix}-{uuid.uuid4().hex}"
         deadline = arrival + state.settings.request_timeout
         watcher = asyncio.ensure_future(wait_for_disconnect(request))
+        engine = state.engine
+
+        def abort_on_disconnect(task: asyncio.Future) -> None:
+            # Whatever the handler is awaiting at that moment (a send, the engine), the engine hears it now.
+            if not task.cancelled() and task.exception() is None:
+                _detach(engine.abort(request_id))
+
+        watcher.add_done_callback(abort_on_disconnect)
         handed_over = False
         try:
             if urls:
