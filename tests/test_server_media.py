@@ -14,6 +14,7 @@ import io
 import os
 import socket
 import struct
+import subprocess
 import threading
 import time
 import zlib
@@ -375,3 +376,57 @@ def test_media_errors_through_the_api(image_server):
         assert response.status_code == 400 and response.json()["error"]["code"] == "too_many_images"
         assert len(image_server.recorder.paths) == before  # the count is checked before any fetch
         assert HTTP.get(live.url + "/health").status_code == 200
+
+
+# ------------------------------------------------------------------------------------------------- https
+
+
+@pytest.fixture(scope="module")
+def tls_server(tmp_path_factory):
+    """An HTTPS image server on 127.0.0.1 with a self-signed certificate for the name 'localhost' only."""
+    import shutil
+    import ssl
+
+    if not shutil.which("openssl"):
+        pytest.skip("openssl is needed to make a test certificate")
+    folder = tmp_path_factory.mktemp("tls")
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+                    "-keyout", str(key), "-out", str(cert), "-days", "1", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=DNS:localhost"], check=True, capture_output=True)
+    image = png_bytes()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(image)))
+            self.end_headers()
+            self.wfile.write(image)
+
+        def log_message(self, *args):
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    httpd.socket = context.wrap_socket(httpd.socket, server_side=True)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    httpd.port, httpd.cafile = httpd.server_address[1], str(cert)
+    yield httpd
+    httpd.shutdown()
+
+
+def test_https_connects_to_the_checked_address_and_verifies_the_host_name(tls_server):
+    import ssl
+
+    trust = ssl.create_default_context(cafile=tls_server.cafile)
+    # 'localhost' may resolve to ::1 first (nothing listens there): the next checked address is tried
+    policy = MediaPolicy(allowed_domains=frozenset({"localhost"}), ssl_context=trust)
+    assert fetch_bytes(f"https://localhost:{tls_server.port}/img.png", policy) == png_bytes()
+    # the certificate names 'localhost', not the address: verification fails, the image is not fetched
+    by_address = MediaPolicy(allowed_domains=LOOPBACK, ssl_context=trust)
+    error = refused("media_fetch_failed", fetch_bytes, f"https://127.0.0.1:{tls_server.port}/img.png", by_address)
+    assert "TLS" in error.message
+    # an untrusted certificate (the system store does not know it) is refused too
+    refused("media_fetch_failed", fetch_bytes, f"https://localhost:{tls_server.port}/img.png",
+            MediaPolicy(allowed_domains=frozenset({"localhost"})))

@@ -156,8 +156,8 @@ def is_public_address(address: str) -> bool:
     return ip.is_global and not ip.is_multicast and not ip.is_reserved and not ip.is_unspecified
 
 
-def _resolve(url: ParsedURL, policy: MediaPolicy, param: str | None) -> str:
-    """The one address this fetch will connect to, after the policy checks."""
+def _resolve(url: ParsedURL, policy: MediaPolicy, param: str | None) -> list[str]:
+    """The addresses this fetch may connect to (checked here, once), in the resolver's order."""
     listed = policy.allowed_domains is not None and url.host in policy.allowed_domains
     if policy.allowed_domains is not None and not listed:
         raise _unprocessable(f"image host {url.host!r} is not in the server's allowed media domains",
@@ -166,13 +166,16 @@ def _resolve(url: ParsedURL, policy: MediaPolicy, param: str | None) -> str:
         infos = socket.getaddrinfo(url.host, url.port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
     except (socket.gaierror, UnicodeError, OSError):
         raise _unprocessable(f"cannot resolve image host {url.host!r}", "media_fetch_failed", param) from None
-    addresses = [info[4][0] for info in infos]
-    for address in addresses:
-        if listed or is_public_address(address):
-            return address
-    raise _unprocessable(
-        f"image host {url.host!r} resolves to a loopback, private, link-local or reserved address; such hosts are "
-        "fetched only when the server lists them in --allowed-media-domains", "media_url_forbidden", param)
+    allowed = []
+    for info in infos:
+        address = info[4][0]
+        if (listed or is_public_address(address)) and address not in allowed:
+            allowed.append(address)
+    if not allowed:
+        raise _unprocessable(
+            f"image host {url.host!r} resolves to a loopback, private, link-local or reserved address; such hosts "
+            "are fetched only when the server lists them in --allowed-media-domains", "media_url_forbidden", param)
+    return allowed
 
 
 # ------------------------------------------------------------------------------------------------------ fetching
@@ -224,23 +227,43 @@ class _Watchdog:
         self._timer.cancel()
 
 
+def _connect(parsed: ParsedURL, addresses: list[str], policy: MediaPolicy, deadline: float) -> http.client.HTTPConnection:
+    """A connection to the first of the checked addresses that answers (no other lookup happens)."""
+    error: OSError | None = None
+    for address in addresses:
+        timeout = min(policy.connect_timeout, deadline - time.monotonic())
+        if timeout <= 0:
+            raise TimeoutError
+        if parsed.scheme == "https":
+            context = policy.ssl_context or ssl.create_default_context()
+            conn: http.client.HTTPConnection = _PinnedHTTPSConnection(address, parsed.port, parsed.host, timeout,
+                                                                      context)
+        else:
+            conn = http.client.HTTPConnection(address, parsed.port, timeout=timeout)
+        try:
+            conn.connect()
+            return conn
+        except ssl.SSLError:
+            conn.close()
+            raise
+        except OSError as failure:
+            conn.close()
+            error = failure
+    assert error is not None
+    raise error
+
+
 def _fetch_http(url: str, policy: MediaPolicy, param: str | None, deadline: float) -> bytes:
     parsed = parse_url(url, param)
     for hop in range(policy.max_redirects + 1):
-        address = _resolve(parsed, policy, param)
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
+        addresses = _resolve(parsed, policy, param)
+        if deadline - time.monotonic() <= 0:
             raise _unprocessable("timed out fetching the image", "media_fetch_timeout", param)
-        timeout = min(policy.connect_timeout, remaining)
-        if parsed.scheme == "https":
-            context = policy.ssl_context or ssl.create_default_context()
-            conn: http.client.HTTPConnection = _PinnedHTTPSConnection(address, parsed.port, parsed.host, timeout, context)
-        else:
-            conn = http.client.HTTPConnection(address, parsed.port, timeout=timeout)
         watchdog = _Watchdog(deadline)
+        conn: http.client.HTTPConnection | None = None
         response: http.client.HTTPResponse | None = None
         try:
-            conn.connect()
+            conn = _connect(parsed, addresses, policy, deadline)
             sock = conn.sock  # kept: http.client hands it to the response (and drops it) on Connection: close
             watchdog.watch(sock)
             sock.settimeout(max(0.01, deadline - time.monotonic()))
@@ -303,7 +326,8 @@ def _fetch_http(url: str, policy: MediaPolicy, param: str | None, deadline: floa
             watchdog.cancel()
             if response is not None:
                 response.close()  # on Connection: close the response owns the socket; this closes it now
-            conn.close()
+            if conn is not None:
+                conn.close()
     raise AssertionError("unreachable")
 
 
