@@ -18,6 +18,7 @@ from torch import nn
 
 from fastllava.config import LlavaConfig
 from fastllava.models.attention import check_attn_implementation
+from fastllava.quantization import WeightQuantizer
 from fastllava.weights import (
     IGNORED_CHECKPOINT_SUFFIXES,
     CheckpointError,
@@ -126,6 +127,7 @@ class PreTrainedModel(nn.Module):
         cache_dir: str | os.PathLike | None = None,
         local_files_only: bool | None = None,
         token: str | bool | None = None,
+        quantization_config: Any = None,
         **config_overrides: Any,
     ):
         directory = resolve_checkpoint(path_or_id, revision=revision, cache_dir=cache_dir,
@@ -141,7 +143,10 @@ class PreTrainedModel(nn.Module):
         device = parse_device_map(device_map)
         with torch.device("meta"):
             model = cls(config)
-        model.load_checkpoint(reader, target_dtype, device)
+        # Weight-only int8/int4: swaps target modules (still on meta) for quantized ones; None when not asked
+        # for and the checkpoint is not a quantized one fastllava saved.
+        quantizer = WeightQuantizer.for_load(model, reader, quantization_config)
+        model.load_checkpoint(reader, target_dtype, device, quantizer=quantizer)
         model.set_attn_implementation(attn_implementation)
         model.name_or_path = str(path_or_id)
         model.after_load(directory)
@@ -150,9 +155,15 @@ class PreTrainedModel(nn.Module):
     def after_load(self, directory: Path) -> None:
         """Hook: read side files (e.g. generation_config.json) after the weights are in."""
 
-    def load_checkpoint(self, reader: CheckpointReader, dtype: torch.dtype, device: torch.device) -> None:
-        """Fill every parameter and buffer from the checkpoint; errors name the offending keys."""
+    def load_checkpoint(self, reader: CheckpointReader, dtype: torch.dtype, device: torch.device,
+                        quantizer: WeightQuantizer | None = None) -> None:
+        """Fill every parameter and buffer from the checkpoint; errors name the offending keys.
+
+        With a ``quantizer``, the modules it quantizes expect their full-precision weights, which it quantizes
+        one tensor at a time as they come out of the file map (whose pages are then released)."""
         expected = {name: tensor for name, tensor in self.state_dict(keep_vars=True).items()}
+        if quantizer is not None:
+            expected = quantizer.source_expectations(expected)
         tied = self.tied_parameter_names()
         found: dict[str, str] = {}
         unexpected: list[str] = []
@@ -181,12 +192,19 @@ class PreTrainedModel(nn.Module):
                     f"tensor {key!r} has shape {reader.shape(key)} in the checkpoint, the model expects {tuple(target.shape)}"
                 )
             tensor = reader.tensor(key)
+            if quantizer is not None and quantizer.takes(name):
+                quantizer.load(name, tensor, dtype, device)
+                del tensor
+                reader.release(key)
+                continue
             want = dtype if tensor.is_floating_point() else tensor.dtype
             if tensor.dtype != want or tensor.device != device:
                 tensor = tensor.to(device=device, dtype=want)
                 reader.release(key)
             self._assign(name, tensor)
         self.tie_weights()
+        if quantizer is not None:
+            quantizer.finish(self)
 
     def _assign(self, name: str, tensor: torch.Tensor) -> None:
         module_name, _, attr = name.rpartition(".")

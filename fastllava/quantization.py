@@ -1,0 +1,693 @@
+"""Weight-only int8 / int4 quantization of LLaVA's linear layers, streamed from the checkpoint while it loads.
+
+Contract. ``QuantizationConfig(weights="int8"|"int4", group_size=32|64|128|256, modules=..., skip_modules=...)``
+(also a plain dict of those fields, the string "int8"/"int4", or any object shaped like transformers'
+``BitsAndBytesConfig``: its ``load_in_8bit`` / ``load_in_4bit`` / ``llm_int8_skip_modules`` attributes are read
+by duck typing, transformers is never imported) is passed as ``from_pretrained(..., quantization_config=...)``.
+The model is built on the meta device, the target modules are swapped for quantized ones, and each target
+weight is quantized as its tensor arrives from the memory-mapped checkpoint; the file pages of the source are
+released at once, so no full-precision copy of the quantized part of the model is ever resident. Activations
+keep the model's dtype (bf16 / fp16 / fp32); only weights are stored in 8 or 4 bits.
+
+Formats. int8: symmetric per output channel, ``w ~= q * scale`` with q in [-127, 127] (``weight`` int8 (N, K),
+``scales`` (N,)). int4: asymmetric per group of ``group_size`` input columns, in torch's int4-kernel
+convention ``w ~= (q - 8) * scale + zero`` with q in [0, 15] (saved as ``qweight`` uint8 (N, K/2), two nibbles a
+byte, low nibble = even column; ``scales`` and ``zeros`` (N, K/group)). The token embedding table, when
+quantized, is int8 per row (a lookup gathers rows; the embedding of a model whose lm_head is tied to it is
+quantized exactly when lm_head is). Scales are rounded to the model dtype before the codes are computed, so the
+stored codes are the best ones for the scales actually used. ``save_pretrained`` writes these tensors plus a
+``quantization_config`` entry in config.json; ``from_pretrained`` sees that entry and loads the codes as they
+are (no re-quantization: reloading gives identical logits). Which modules are quantized, and how, is read
+back from the checkpoint's keys.
+
+Groups for ``modules``: "language_model" (the decoder's linear layers), "embed_tokens", "lm_head" (these
+three are the default), "vision_tower", "multi_modal_projector"; any other entry is a glob over module names
+(fastllava's ``model.language_model.layers.0.mlp.down_proj`` or the hub's ``language_model.model.layers.0...``)
+that must match at least one linear layer. ``skip_modules`` keeps modules in full precision (exact name,
+prefix, last name components such as "lm_head", or glob). An int4 layer whose input width is not a multiple of
+the group size stays in full precision (a warning names it).
+
+Kernels (CPU; measured by benchmarks/bench_quantization.py on these 2-core AMD EPYC (Zen 3, AVX2, no
+AVX-512) machines, torch 2.13, one-row GEMV, time relative to eager bf16 ``F.linear``, best of 3 interleaved
+rounds while the machine was shared with other jobs, so the ratios are what counts):
+
+    shape (N x K)        int8 ``_weight_int8pack_mm``   int4 ``_weight_int4pack_mm_for_cpu`` (group 64)
+    1024 x 1024          1.9x faster                     1.4x faster
+    2816 x 1024          3.8x faster                     3.7x faster
+    1024 x 2816          2.2x faster                     2.0x faster
+    152000 x 1024        1.2x faster                     1.7x faster      (lm_head of llava-interleave-qwen-0.5b)
+
+At 744 rows (a prefill) the packed kernels were 3.1-4.2x (int8) and 3.2-5.7x (int4) faster than bf16 here, where
+bf16 GEMM has no native support (AVX2), and a dequantize-then-``F.linear`` path was 0.8-2x: slower than the packed
+kernels at every shape and row count measured. So on CPU every quantized layer uses its packed kernel, lm_head
+included, for decode and prefill alike. The dequantize-then-matmul path (``kernel = "dequant"``) is the one used
+on CUDA and other devices (no CPU-only assumptions: any shape, any floating activation dtype) and on CPU
+wherever a packed kernel cannot take the layer: int4 needs the output width to be a multiple of 16 and the
+group size in {32, 64, 128, 256}; activations in a dtype other than bf16/fp16/fp32 use it too. The numbers
+above come from one kind of machine: on CPUs with fast bf16 GEMM (AMX) a prefill through dequantize-then-GEMM
+may win, which was not measured here; ``set_kernel(model, "dequant")`` switches a loaded model over.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+QUANT_METHOD = "fastllava"
+FORMAT_VERSION = 1
+WEIGHT_KINDS = ("int8", "int4")
+INT4_GROUP_SIZES = (32, 64, 128, 256)
+DEFAULT_INT4_GROUP_SIZE = 64
+GROUPS = {
+    "language_model": "the text decoder's linear layers (attention q/k/v/o and MLP gate/up/down projections)",
+    "embed_tokens": "the token embedding table (int8 per row)",
+    "lm_head": "the output projection to the vocabulary",
+    "vision_tower": "the vision encoder's linear layers",
+    "multi_modal_projector": "the two projector layers",
+}
+DEFAULT_MODULES = ("language_model", "embed_tokens", "lm_head")
+KERNEL_FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+_CHUNK_ELEMENTS = 1 << 22  # rows are quantized in chunks of ~4M weights: fp32 temporaries stay ~16 MB
+_BNB_KEYS = ("load_in_8bit", "load_in_4bit")
+
+
+class QuantizationError(ValueError):
+    """A quantization request or a quantized checkpoint that fastllava cannot honour."""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Config
+
+
+def _names(value: Any, field: str) -> tuple[str, ...]:
+    if isinstance(value, str):
+        value = (value,)
+    try:
+        names = tuple(value)
+    except TypeError:
+        raise QuantizationError(f"{field} must be a list of module names or groups, got {value!r}") from None
+    if not all(isinstance(name, str) and name for name in names):
+        raise QuantizationError(f"{field} must hold non-empty strings, got {value!r}")
+    return names
+
+
+@dataclass
+class QuantizationConfig:
+    """What to quantize and how; see the module docstring for the formats and the groups."""
+
+    weights: str = "int8"
+    group_size: int | None = None
+    modules: tuple[str, ...] = DEFAULT_MODULES
+    skip_modules: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.weights, str) or self.weights.lower() not in WEIGHT_KINDS:
+            raise QuantizationError(f"weights must be one of {WEIGHT_KINDS}, got {self.weights!r}")
+        self.weights = self.weights.lower()
+        if self.weights == "int4":
+            if self.group_size is None:
+                self.group_size = DEFAULT_INT4_GROUP_SIZE
+            if isinstance(self.group_size, bool) or self.group_size not in INT4_GROUP_SIZES:
+                raise QuantizationError(f"int4 group_size must be one of {INT4_GROUP_SIZES}, got {self.group_size!r}")
+        elif self.group_size is not None:
+            raise QuantizationError(
+                "int8 weights are quantized per output channel; group_size applies to int4 only: leave it unset"
+            )
+        self.modules = _names(self.modules, "modules")
+        if not self.modules:
+            raise QuantizationError(f"modules is empty: name at least one of the groups {list(GROUPS)} or a pattern")
+        self.skip_modules = _names(self.skip_modules, "skip_modules")
+
+    @property
+    def quant_method(self) -> str:
+        return QUANT_METHOD
+
+    def to_dict(self) -> dict[str, Any]:
+        """The ``quantization_config`` entry of config.json."""
+        return {"quant_method": QUANT_METHOD, "format_version": FORMAT_VERSION, "weights": self.weights,
+                "group_size": self.group_size, "modules": list(self.modules), "skip_modules": list(self.skip_modules)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "QuantizationConfig":
+        data = dict(data)
+        if any(key in data for key in _BNB_KEYS) or data.get("quant_method") == "bitsandbytes":
+            return cls._from_bitsandbytes(lambda name, default=None: data.get(name, default))
+        method = data.pop("quant_method", QUANT_METHOD)
+        if method != QUANT_METHOD:
+            raise QuantizationError(f"quant_method {method!r} is not supported; fastllava quantizes with its own "
+                                    "int8/int4 formats (quant_method 'fastllava') or reads BitsAndBytes-style flags")
+        version = data.pop("format_version", FORMAT_VERSION)
+        if version != FORMAT_VERSION:
+            raise QuantizationError(f"quantization format_version {version} is newer than this fastllava "
+                                    f"understands ({FORMAT_VERSION}); upgrade fastllava")
+        fields = ("weights", "group_size", "modules", "skip_modules")
+        unknown = sorted(set(data) - set(fields))
+        if unknown:
+            raise QuantizationError(f"unknown quantization_config fields {unknown}; the fields are {list(fields)}")
+        return cls(**data)
+
+    @classmethod
+    def _from_bitsandbytes(cls, get: Callable[..., Any]) -> "QuantizationConfig":
+        """transformers' BitsAndBytesConfig flags: 8-bit -> int8; 4-bit (nf4 or fp4) -> int4, group 64."""
+        eight, four = bool(get("load_in_8bit", False)), bool(get("load_in_4bit", False))
+        if eight and four:
+            raise QuantizationError("BitsAndBytes-style config sets both load_in_8bit and load_in_4bit; choose one")
+        if not (eight or four):
+            raise QuantizationError("BitsAndBytes-style config sets neither load_in_8bit nor load_in_4bit")
+        skip = get("llm_int8_skip_modules", None) or ()
+        return cls(weights="int8" if eight else "int4", skip_modules=skip)
+
+    @classmethod
+    def coerce(cls, value: Any) -> "QuantizationConfig":
+        """A QuantizationConfig from any accepted spelling; a clear error for anything else."""
+        if isinstance(value, QuantizationConfig):
+            return value
+        if isinstance(value, str):
+            return cls(weights=value)
+        if isinstance(value, Mapping):
+            return cls.from_dict(value)
+        if any(hasattr(value, key) for key in _BNB_KEYS):
+            return cls._from_bitsandbytes(lambda name, default=None: getattr(value, name, default))
+        raise QuantizationError(
+            f"quantization_config must be a fastllava.QuantizationConfig, a dict of its fields, 'int8'/'int4' or a "
+            f"BitsAndBytesConfig-like object with load_in_8bit/load_in_4bit, got {type(value).__name__}"
+        )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Quantization math (row chunks: the fp32 temporaries of a 152000-row lm_head stay small)
+
+
+def _row_chunks(rows: int, cols: int, align: int = 1) -> Iterable[tuple[int, int]]:
+    step = max(align, _CHUNK_ELEMENTS // max(cols, 1) // align * align)
+    for start in range(0, rows, step):
+        yield start, min(rows, start + step)
+
+
+def _positive_scales(scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Scales rounded to the storage dtype, never zero (an all-zero row keeps codes 0)."""
+    scales = scales.to(dtype)
+    return torch.where(scales > 0, scales, torch.full_like(scales, torch.finfo(dtype).tiny))
+
+
+def quantize_int8(weight: torch.Tensor, scale_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, K) float -> int8 codes (N, K) and per-row scales (N,) with weight ~= codes * scales[:, None]."""
+    rows, cols = weight.shape
+    codes = torch.empty(rows, cols, dtype=torch.int8, device=weight.device)
+    scales = torch.empty(rows, dtype=scale_dtype, device=weight.device)
+    for start, end in _row_chunks(rows, cols):
+        chunk = weight[start:end]
+        # max/min are exact in any float dtype: reduce before widening, then one fp32 pass for the codes
+        amax = torch.maximum(chunk.amax(dim=1), -chunk.amin(dim=1)).float()
+        scale = _positive_scales(amax / 127.0, scale_dtype)
+        scales[start:end] = scale
+        work = chunk.to(torch.float32, copy=True).mul_(scale.float().reciprocal()[:, None])
+        codes[start:end] = work.round_().clamp_(-127, 127)
+    return codes, scales
+
+
+def quantize_int4(weight: torch.Tensor, group_size: int,
+                  scale_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(N, K) float -> packed codes uint8 (N, K/2), scales and zeros (N, K/group): w ~= (q - 8) * s + z."""
+    rows, cols = weight.shape
+    if cols % group_size or cols % 2:
+        raise QuantizationError(f"int4 needs the input width ({cols}) to be a multiple of group_size ({group_size})")
+    groups = cols // group_size
+    packed = torch.empty(rows, cols // 2, dtype=torch.uint8, device=weight.device)
+    scales = torch.empty(rows, groups, dtype=scale_dtype, device=weight.device)
+    zeros = torch.empty(rows, groups, dtype=scale_dtype, device=weight.device)
+    for start, end in _row_chunks(rows, cols):
+        chunk = weight[start:end].reshape(end - start, groups, group_size)  # (n, G, g)
+        low, high = chunk.amin(dim=-1).float(), chunk.amax(dim=-1).float()
+        scale = _positive_scales((high - low) / 15.0, scale_dtype)
+        zero = (low + 8.0 * scale.float()).to(scale_dtype)  # the value code 8 stands for
+        scales[start:end], zeros[start:end] = scale, zero
+        # q = (w - zero) / scale + 8 = w / scale + (8 - zero / scale)
+        inverse = scale.float().reciprocal()
+        work = chunk.to(torch.float32, copy=True).mul_(inverse[..., None]).add_((8.0 - zero.float() * inverse)[..., None])
+        q = work.round_().clamp_(0, 15).to(torch.uint8).reshape(end - start, cols)
+        packed[start:end] = pack_nibbles(q)
+    return packed, scales, zeros
+
+
+def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
+    """(N, K) uint8 values 0..15 -> (N, K/2) bytes, low nibble = even column."""
+    return codes[:, 0::2] | (codes[:, 1::2] << 4)
+
+
+def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
+    """(N, K/2) bytes -> (N, K) uint8 values 0..15."""
+    return torch.stack([packed & 15, packed >> 4], dim=-1).reshape(packed.shape[0], -1)
+
+
+def dequantize_int4(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    rows, groups = scales.shape
+    codes = unpack_nibbles(packed).reshape(rows, groups, -1).to(dtype)  # (N, G, g)
+    return ((codes - 8) * scales.to(dtype)[..., None] + zeros.to(dtype)[..., None]).reshape(rows, -1)
+
+
+def _int4_kernel_layout(packed: torch.Tensor) -> torch.Tensor:
+    """Plain nibbles -> the CPU kernel's tiled layout (which depends on the CPU's vector width), in row chunks."""
+    rows, half = packed.shape
+    out = []
+    for start, end in _row_chunks(rows, 2 * half, align=256):  # chunks of whole kernel tiles
+        codes = unpack_nibbles(packed[start:end]).to(torch.int32)
+        out.append(torch._convert_weight_to_int4pack_for_cpu(codes, 2))
+    return torch.cat(out) if len(out) > 1 else out[0]
+
+
+def _int4_plain_from_kernel(kernel_weight: torch.Tensor, rows: int, cols: int, group_size: int) -> torch.Tensor:
+    """Recover plain nibbles from the kernel's layout without knowing it: with scale 1 and zero 8 the kernel
+    computes x @ codes.T, so identity rows (fp32, exact for integers 0..15) read the codes back."""
+    unit = torch.empty(cols // group_size, rows, 2, dtype=torch.float32)
+    unit[..., 0], unit[..., 1] = 1.0, 8.0
+    codes = torch.empty(rows, cols, dtype=torch.uint8)
+    step = max(1, _CHUNK_ELEMENTS // max(rows, 1))
+    for start in range(0, cols, step):
+        end = min(cols, start + step)
+        eye = torch.zeros(end - start, cols, dtype=torch.float32)
+        eye[torch.arange(end - start), torch.arange(start, end)] = 1.0
+        block = torch._weight_int4pack_mm_for_cpu(eye, kernel_weight, group_size, unit)  # (c, N)
+        codes[:, start:end] = block.round().to(torch.uint8).T
+    return pack_nibbles(codes)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Modules
+
+
+class QuantizedModule(nn.Module):
+    """Common base: ``kernel`` names the forward path ("int8pack" / "int4pack" on CPU, else "dequant")."""
+
+    kernel = "dequant"
+
+    def extra_repr(self) -> str:
+        return f"kernel={self.kernel}"
+
+    def finish_load(self) -> None:
+        """Called once all tensors are in: pick the kernel for the device the weights are on."""
+
+
+def _flat(x: torch.Tensor, width: int) -> torch.Tensor:
+    return x.reshape(-1, width)
+
+
+class Int8Linear(QuantizedModule):
+    """Weight-only int8 linear layer: per-output-channel symmetric codes, activations in their own dtype."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, device: Any = None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer("scales", torch.empty(out_features, device=device))
+        self.register_buffer("bias", torch.empty(out_features, device=device) if bias else None)
+
+    def finish_load(self) -> None:
+        self.kernel = "int8pack" if self.weight.device.type == "cpu" else "dequant"
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return self.weight.to(dtype) * self.scales.to(dtype)[:, None]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x = _flat(x, self.in_features)
+        scales = self.scales if self.scales.dtype == x.dtype else self.scales.to(x.dtype)
+        if self.kernel == "int8pack" and x.device.type == "cpu" and x.dtype in KERNEL_FLOAT_DTYPES:
+            out = torch._weight_int8pack_mm(x.contiguous(), self.weight, scales)
+        else:  # per-row scales commute with the matmul: scale the (M, N) output, not the (N, K) weight
+            out = F.linear(x, self.weight.to(x.dtype)) * scales
+        if self.bias is not None:
+            out = out + self.bias.to(out.dtype)
+        return out.reshape(*shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, {super().extra_repr()}")
+
+
+class Int4Linear(QuantizedModule):
+    """Weight-only int4 linear layer: group-wise asymmetric codes.
+
+    The state (and the saved format) is plain: ``qweight`` (N, K/2) nibbles, ``scales``/``zeros`` (N, K/group).
+    On CPU, when torch's kernel takes the shape, ``finish_load`` converts it into the kernel's tiled layout
+    (``kernel_weight``, ``kernel_scales_zeros`` (K/group, N, 2)) and drops the plain copy; ``state_dict``
+    converts back, so what is saved never depends on the CPU it was loaded on.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, group_size: int, device: Any = None):
+        super().__init__()
+        if in_features % group_size:
+            raise QuantizationError(f"int4 needs in_features ({in_features}) divisible by group_size ({group_size})")
+        self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
+        groups = in_features // group_size
+        self.register_buffer("qweight", torch.empty(out_features, in_features // 2, dtype=torch.uint8, device=device))
+        self.register_buffer("scales", torch.empty(out_features, groups, device=device))
+        self.register_buffer("zeros", torch.empty(out_features, groups, device=device))
+        self.register_buffer("bias", torch.empty(out_features, device=device) if bias else None)
+
+    def kernel_supported(self) -> bool:
+        return (self.qweight is not None and self.qweight.device.type == "cpu" and self.out_features % 16 == 0
+                and self.group_size in INT4_GROUP_SIZES)
+
+    def finish_load(self) -> None:
+        if self.kernel == "int4pack" or not self.kernel_supported():
+            return
+        scales_zeros = torch.stack([self.scales, self.zeros], dim=-1).transpose(0, 1).contiguous()  # (G, N, 2)
+        kernel_weight = _int4_kernel_layout(self.qweight)
+        self.qweight = self.scales = self.zeros = None  # registered buffers set to None: not in state_dict
+        self.register_buffer("kernel_weight", kernel_weight, persistent=False)
+        self.register_buffer("kernel_scales_zeros", scales_zeros, persistent=False)
+        self.kernel = "int4pack"
+
+    def plain(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(qweight, scales, zeros) in the saved format, whatever layout the module runs on."""
+        if self.kernel != "int4pack":
+            return self.qweight, self.scales, self.zeros
+        qweight = _int4_plain_from_kernel(self.kernel_weight, self.out_features, self.in_features, self.group_size)
+        scales, zeros = self.kernel_scales_zeros.transpose(0, 1).unbind(-1)
+        return qweight, scales.contiguous(), zeros.contiguous()
+
+    def to_plain(self) -> None:
+        """Leave the kernel layout (e.g. to use the dequantize path)."""
+        if self.kernel == "int4pack":
+            qweight, scales, zeros = self.plain()
+            del self.kernel_weight, self.kernel_scales_zeros
+            self.qweight, self.scales, self.zeros = qweight, scales, zeros
+        self.kernel = "dequant"
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return dequantize_int4(*self.plain(), dtype)
+
+    def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
+        if self.kernel != "int4pack":
+            return super()._save_to_state_dict(destination, prefix, keep_vars)
+        qweight, scales, zeros = self.plain()
+        destination[prefix + "qweight"], destination[prefix + "scales"], destination[prefix + "zeros"] = (
+            qweight, scales, zeros)
+        if self.bias is not None:
+            destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x = _flat(x, self.in_features)
+        if self.kernel == "int4pack":
+            if x.device.type != "cpu":
+                raise RuntimeError("this int4 layer holds torch's CPU kernel layout; load the model with "
+                                   "device_map=<device> instead of moving it after loading")
+            if x.dtype not in KERNEL_FLOAT_DTYPES:
+                raise TypeError(f"int4 CPU kernel takes bf16/fp16/fp32 activations, got {x.dtype}")
+            scales_zeros = self.kernel_scales_zeros
+            if scales_zeros.dtype != x.dtype:
+                scales_zeros = scales_zeros.to(x.dtype)
+            out = torch._weight_int4pack_mm_for_cpu(x.contiguous(), self.kernel_weight, self.group_size, scales_zeros)
+        else:
+            out = F.linear(x, dequantize_int4(self.qweight, self.scales, self.zeros, x.dtype))
+        if self.bias is not None:
+            out = out + self.bias.to(out.dtype)
+        return out.reshape(*shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"group_size={self.group_size}, {super().extra_repr()}")
+
+
+class Int8Embedding(QuantizedModule):
+    """Token embeddings stored as int8 rows with one scale per row; a lookup dequantizes only the rows it reads."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: int | None = None, device: Any = None):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim, self.padding_idx = num_embeddings, embedding_dim, padding_idx
+        self.register_buffer("weight", torch.empty(num_embeddings, embedding_dim, dtype=torch.int8, device=device))
+        self.register_buffer("scales", torch.empty(num_embeddings, device=device))
+        self.kernel = "lookup"
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return self.weight.to(dtype) * self.scales.to(dtype)[:, None]
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.weight).to(self.scales.dtype) * self.scales[ids].unsqueeze(-1)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, int8"
+
+
+def set_kernel(model: nn.Module, kernel: str) -> None:
+    """Switch every quantized layer to ``"dequant"`` or back to its packed CPU kernel (``"auto"``)."""
+    if kernel not in ("auto", "dequant"):
+        raise ValueError(f"kernel must be 'auto' or 'dequant', got {kernel!r}")
+    for module in model.modules():
+        if isinstance(module, Int4Linear):
+            module.to_plain()
+            if kernel == "auto":
+                module.finish_load()
+        elif isinstance(module, Int8Linear):
+            module.kernel = "dequant"
+            if kernel == "auto":
+                module.finish_load()
+
+
+def quantized_modules(model: nn.Module) -> dict[str, QuantizedModule]:
+    return {name: module for name, module in model.named_modules() if isinstance(module, QuantizedModule)}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Choosing the modules
+
+
+def _short(name: str) -> str:
+    return name.removeprefix("model.")
+
+
+def _hub_name(name: str) -> str:
+    from fastllava.weights import internal_to_hub
+
+    return internal_to_hub(name + ".")[:-1]
+
+
+def _group_of(name: str, module: nn.Module) -> str | None:
+    short = _short(name)
+    if type(module) is nn.Embedding:
+        return "embed_tokens" if short == "language_model.embed_tokens" else None
+    if type(module) is not nn.Linear:  # subclasses (e.g. MultiheadAttention's out_proj) are used by weight
+        return None
+    if name == "lm_head":
+        return "lm_head"
+    for group in ("language_model", "vision_tower", "multi_modal_projector"):
+        if short.startswith(group + "."):
+            return group
+    return None
+
+
+def _skipped(name: str, patterns: tuple[str, ...]) -> bool:
+    for pattern in patterns:
+        for candidate in (name, _hub_name(name)):
+            if (candidate == pattern or candidate.startswith(pattern + ".") or candidate.endswith("." + pattern)
+                    or fnmatch.fnmatchcase(candidate, pattern)):
+                return True
+    return False
+
+
+def select_targets(model: nn.Module, qconfig: QuantizationConfig) -> dict[str, str]:
+    """{module name: "int8" | "int4" | "int8_embedding"} for the modules the config asks to quantize."""
+    candidates = {name: (module, _group_of(name, module)) for name, module in model.named_modules()}
+    groups = [entry for entry in qconfig.modules if entry in GROUPS]
+    patterns = [entry for entry in qconfig.modules if entry not in GROUPS]
+    chosen: set[str] = set()
+    for name, (module, group) in candidates.items():
+        if group is not None and group in groups:
+            chosen.add(name)
+    for pattern in patterns:
+        hits = [name for name, (module, group) in candidates.items()
+                if type(module) in (nn.Linear, nn.Embedding) and group is not None
+                and (fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(_hub_name(name), pattern))]
+        if not hits:
+            raise QuantizationError(f"modules entry {pattern!r} matches no quantizable layer; the groups are "
+                                    f"{list(GROUPS)}, patterns match names like 'model.language_model.layers.0.mlp.up_proj'")
+        chosen.update(hits)
+    chosen = {name for name in chosen if not _skipped(name, qconfig.skip_modules)}
+    targets, left_out = {}, []
+    for name in sorted(chosen):
+        module = candidates[name][0]
+        if isinstance(module, nn.Embedding):
+            targets[name] = "int8_embedding"
+        elif qconfig.weights == "int4" and (module.in_features % qconfig.group_size or module.in_features % 2):
+            left_out.append(f"{name} (in_features {module.in_features})")
+        else:
+            targets[name] = qconfig.weights
+    embed = next((n for n, (m, g) in candidates.items() if g == "embed_tokens"), None)
+    if getattr(model.config, "tie_word_embeddings", False) and "lm_head" in candidates and embed is not None:
+        # One tensor: the embedding is quantized exactly when the head is (else the tie would break).
+        targets.pop(embed, None)
+        if "lm_head" in targets:
+            targets[embed] = "int8_embedding"
+    if left_out:
+        warnings.warn(f"int4 group_size {qconfig.group_size} does not divide the input width of {len(left_out)} "
+                      f"layer(s), which stay in full precision: {', '.join(left_out[:5])}"
+                      + (" ..." if len(left_out) > 5 else ""), stacklevel=3)
+    return targets
+
+
+def _build(kind: str, module: nn.Module, group_size: int | None) -> QuantizedModule:
+    if kind == "int8_embedding":
+        return Int8Embedding(module.num_embeddings, module.embedding_dim, module.padding_idx, device="meta")
+    bias = module.bias is not None
+    if kind == "int8":
+        return Int8Linear(module.in_features, module.out_features, bias, device="meta")
+    return Int4Linear(module.in_features, module.out_features, bias, group_size, device="meta")
+
+
+def _swap(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, attr, new)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Loading: the hook that from_pretrained / load_checkpoint call
+
+
+class WeightQuantizer:
+    """Swaps modules on the meta model and fills them as the loader hands over checkpoint tensors.
+
+    Used by ``PreTrainedModel.load_checkpoint``: ``source_expectations`` says which tensors the checkpoint must
+    provide (the float weights of the modules to quantize, in place of their quantized tensors), ``takes`` /
+    ``load`` consume each of them (the loader then releases its file pages), ``finish`` runs after the loader
+    tied the weights. With a checkpoint that fastllava saved quantized (``prequantized``) the codes load as
+    they are; only int4 tensors are taken (copied out of the file map, since they are re-laid out for the kernel).
+    """
+
+    def __init__(self, qconfig: QuantizationConfig, targets: dict[str, str], prequantized: bool):
+        self.qconfig, self.targets, self.prequantized = qconfig, targets, prequantized
+        self.modules: dict[str, QuantizedModule] = {}
+        self._sources: dict[str, list[str]] = {}  # tensor name -> the modules filled from it
+
+    @classmethod
+    def for_load(cls, model: nn.Module, reader: Any, quantization_config: Any) -> "WeightQuantizer | None":
+        """None when nothing is quantized; else a quantizer whose modules are already swapped in (on meta)."""
+        saved = getattr(model.config, "quantization_config", None)
+        if saved is None and quantization_config is None:
+            return None
+        if saved is None:
+            qconfig = QuantizationConfig.coerce(quantization_config)
+            quantizer = cls(qconfig, select_targets(model, qconfig), prequantized=False)
+        else:
+            if _foreign(saved):
+                method = saved.get("quant_method") if isinstance(saved, Mapping) else type(saved).__name__
+                raise QuantizationError(
+                    f"this checkpoint is quantized with {method!r}, which fastllava cannot load; use the "
+                    "full-precision checkpoint with quantization_config=fastllava.QuantizationConfig(...)")
+            saved_config = QuantizationConfig.coerce(saved)
+            if quantization_config is not None:
+                wanted = QuantizationConfig.coerce(quantization_config)
+                if (wanted.weights, wanted.group_size) != (saved_config.weights, saved_config.group_size):
+                    described = saved_config.weights + ("" if saved_config.group_size is None
+                                                        else f", group_size {saved_config.group_size}")
+                    raise QuantizationError(
+                        f"this checkpoint is already quantized ({described}) and cannot be re-quantized as "
+                        f"{wanted.weights}: load it without quantization_config, or quantize the full-precision "
+                        "checkpoint")
+            quantizer = cls(saved_config, _targets_from_checkpoint(model, reader, saved_config), prequantized=True)
+        quantizer._swap_in(model)
+        return quantizer
+
+    def _swap_in(self, model: nn.Module) -> None:
+        if not self.targets:
+            raise QuantizationError("quantization_config selects no layer of this model to quantize")
+        for name, kind in self.targets.items():
+            self.modules[name] = _build(kind, model.get_submodule(name), self.qconfig.group_size)
+            _swap(model, name, self.modules[name])
+        if self.prequantized:
+            for name, module in self.modules.items():
+                if isinstance(module, Int4Linear):  # re-laid out for the kernel: copy, release the file pages
+                    for attr in ("qweight", "scales", "zeros"):
+                        self._sources[f"{name}.{attr}"] = [name]
+            return
+        tied_head = getattr(model.config, "tie_word_embeddings", False) and "lm_head" in self.targets
+        for name, kind in self.targets.items():
+            source = name + ".weight"
+            if tied_head and name == "lm_head":
+                self._sources.setdefault(source, [])  # a tied checkpoint may still store it: a duplicate, dropped
+                source = next(n for n, k in self.targets.items() if k == "int8_embedding") + ".weight"
+            self._sources.setdefault(source, []).append(name)
+
+    def source_expectations(self, expected: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The loader's {name: tensor} with each module to quantize expecting its float weight instead."""
+        if self.prequantized:
+            return expected
+        out = {name: tensor for name, tensor in expected.items()
+               if name.rpartition(".")[0] not in self.modules or name.endswith(".bias")}
+        for name, module in self.modules.items():
+            shape = ((module.num_embeddings, module.embedding_dim) if isinstance(module, Int8Embedding)
+                     else (module.out_features, module.in_features))
+            out[name + ".weight"] = torch.empty(shape, device="meta")
+        return out
+
+    def takes(self, name: str) -> bool:
+        return name in self._sources
+
+    def load(self, name: str, tensor: torch.Tensor, dtype: torch.dtype, device: torch.device) -> None:
+        """Fill the modules built from one checkpoint tensor (a tied embedding feeds lm_head as well)."""
+        if self.prequantized:
+            module_name, _, attr = name.rpartition(".")
+            value = tensor.to(dtype) if tensor.is_floating_point() else tensor
+            setattr(self.modules[module_name], attr, value.to(device, copy=True))
+            return
+        int8: tuple[torch.Tensor, torch.Tensor] | None = None
+        for module_name in self._sources[name]:
+            module = self.modules[module_name]
+            if isinstance(module, Int4Linear):
+                qweight, scales, zeros = quantize_int4(tensor, module.group_size, dtype)
+                module.qweight, module.scales, module.zeros = qweight.to(device), scales.to(device), zeros.to(device)
+                continue
+            if int8 is None:
+                int8 = quantize_int8(tensor, dtype)
+            module.weight = int8[0].to(device)
+            # A tied head shares the codes (tie_weights) but not the scales: safetensors refuses shared storage.
+            module.scales = int8[1].to(device, copy=module_name == "lm_head")
+
+    def finish(self, model: nn.Module) -> None:
+        """After tie_weights: drop what the tie put on an int4 head, check nothing is left on meta, pick kernels."""
+        for name, module in self.modules.items():
+            if isinstance(module, Int4Linear):
+                module.__dict__.pop("weight", None)  # tie_weights aimed the head at the embedding's int8 codes
+            for key, tensor in module.state_dict(keep_vars=True).items():
+                if tensor.is_meta:
+                    raise QuantizationError(f"{name}.{key} was not loaded: the checkpoint lacks it")
+            module.finish_load()
+        model.config.quantization_config = self.qconfig.to_dict()
+
+
+def _foreign(saved: Any) -> bool:
+    method = saved.get("quant_method", QUANT_METHOD) if isinstance(saved, Mapping) else getattr(saved, "quant_method", None)
+    return method != QUANT_METHOD
+
+
+def _targets_from_checkpoint(model: nn.Module, reader: Any, qconfig: QuantizationConfig) -> dict[str, str]:
+    """Which modules a checkpoint saved by fastllava holds quantized, and how, from its keys and shapes."""
+    from fastllava.weights import hub_to_internal
+
+    keys = {hub_to_internal(key): key for key in reader.keys()}
+    targets: dict[str, str] = {}
+    for name, module in model.named_modules():
+        if type(module) not in (nn.Linear, nn.Embedding) or name + ".scales" not in keys:
+            continue
+        if name + ".qweight" in keys:
+            groups = reader.shape(keys[name + ".scales"])[-1]
+            if qconfig.weights != "int4" or module.in_features != groups * qconfig.group_size:
+                raise QuantizationError(
+                    f"{keys[name + '.scales']} has {groups} groups for {module.in_features} inputs, which does not "
+                    f"fit the checkpoint's quantization_config ({qconfig.weights}, group_size {qconfig.group_size})")
+            targets[name] = "int4"
+        elif isinstance(module, nn.Embedding):
+            targets[name] = "int8_embedding"
+        else:
+            targets[name] = "int8"
+    if not targets:
+        raise QuantizationError(f"config.json of {reader.directory} declares a quantization_config but the "
+                                "checkpoint holds no quantized tensors (a '.scales' key per quantized layer)")
+    return targets
