@@ -19,7 +19,8 @@ VOCAB = [" alpha", " beta", " gamma", " delta", " red", " square", " circle", " 
 IMAGE_TOKENS = 16
 
 
-from fastllava.engine import EngineOverloadedError as QueueFullError  # what the real engine raises when full  # noqa: E402
+# what the real engine raises when it is full
+from fastllava.engine import EngineOverloadedError as QueueFullError  # noqa: E402
 
 
 class FakeTokenizer:

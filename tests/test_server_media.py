@@ -19,7 +19,6 @@ import threading
 import time
 import zlib
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -164,7 +163,8 @@ def refused(code: str, call, *args, status: int = 422) -> APIError:
 @pytest.mark.parametrize("address", [
     "127.0.0.1", "10.1.2.3", "172.16.0.1", "192.168.1.1", "169.254.169.254", "100.64.0.1", "0.0.0.0",
     "224.0.0.1", "255.255.255.255", "240.0.0.1", "::1", "::", "fe80::1", "fc00::1", "ff02::1",
-    "::ffff:127.0.0.1", "::ffff:10.0.0.1", "64:ff9b::a9fe:a9fe", "2002:7f00:1::1", "2001:0:4136:e378:8000:63bf:80ff:fffe",
+    "::ffff:127.0.0.1", "::ffff:10.0.0.1", "64:ff9b::a9fe:a9fe", "2002:7f00:1::1",
+    "2001:0:4136:e378:8000:63bf:80ff:fffe",
 ])
 def test_non_public_addresses_are_refused(address):
     assert not is_public_address(address)
@@ -366,8 +366,8 @@ def test_media_errors_through_the_api(image_server):
     with LiveServer(listed) as live:
         live.wait_ready()
         assert ask(live, image_server.base + "/img.png").status_code == 200
-        for path, code in (("/huge-header.png", "image_too_large"), ("/redirect?http://10.0.0.1/", "media_url_forbidden"),
-                           ("/page.html", "invalid_image")):
+        for path, code in (("/huge-header.png", "image_too_large"),
+                           ("/redirect?http://10.0.0.1/", "media_url_forbidden"), ("/page.html", "invalid_image")):
             response = ask(live, image_server.base + path)
             assert response.status_code == 422 and response.json()["error"]["code"] == code, response.text
         before = len(image_server.recorder.paths)

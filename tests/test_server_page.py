@@ -1,10 +1,10 @@
 """The web chat page at / in real headless Chromium (Debian's /usr/bin/chromium driven by Playwright).
 
-Load the page, attach an image through the file input (and by paste and drop), ask, watch the answer stream in, stop a long answer (the
-engine request must be aborted), see a server error shown, and check that Markdown from the model cannot inject
-HTML. A screenshot is saved under the test's tmp_path (its path is printed). The engine is the fake test double:
-this tests the page, not the model. Skipped when Chromium or Playwright is missing (the HTML/JS contract without
-a browser is checked in test_server_api.py).
+Load the page, attach an image through the file input (and by paste and drop), ask, watch the answer stream in,
+stop a long answer (the engine request must be aborted), see a server error shown, and check that Markdown from the
+model cannot inject HTML. Screenshots are saved under the test's tmp_path (their paths are printed). The engine is
+the fake test double: this tests the page, not the model. Skipped when Chromium or Playwright is missing (the
+page's JS-free contract -- HTML, assets, no CDN -- is checked in test_server_situations.py).
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ from fastllava.server import ServerSettings, create_app
 from server_fake_engine import FakeEngine, FakeProcessor, LiveServer
 
 CHROMIUM = os.environ.get("FASTLLAVA_CHROMIUM", "/usr/bin/chromium")
-pytestmark = pytest.mark.skipif(not shutil.which(CHROMIUM), reason=f"no Chromium at {CHROMIUM} (apt-get install chromium)")
+pytestmark = pytest.mark.skipif(not shutil.which(CHROMIUM),
+                                reason=f"no Chromium at {CHROMIUM} (apt-get install chromium)")
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
 
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",

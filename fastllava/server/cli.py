@@ -44,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="allow file:// image URLs under this directory (default: refused)")
     media.add_argument("--limit-images-per-prompt", type=int, default=8)
     media.add_argument("--max-media-bytes", type=int, default=20 * MiB, help="per image (default 20 MiB)")
-    media.add_argument("--max-image-pixels", type=int, default=8192 * 8192, help="width x height, checked before decoding")
+    media.add_argument("--max-image-pixels", type=int, default=8192 * 8192,
+                       help="width x height, checked before decoding")
     media.add_argument("--media-connect-timeout", type=float, default=5.0)
     media.add_argument("--media-timeout", type=float, default=10.0, help="total seconds per image fetch")
     limits = p.add_argument_group("limits")

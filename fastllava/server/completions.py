@@ -273,7 +273,8 @@ class CompletionsService:
             try:
                 first = await outputs.__anext__()
             except StopAsyncIteration:
-                raise APIError(500, "The engine returned no output", code="internal_error", type="server_error")
+                raise APIError(500, "The engine returned no output", code="internal_error",
+                               type="server_error") from None
             except (APIError, ClientDisconnected):
                 raise
             except Exception as error:  # noqa: BLE001 - engine errors at admission get their HTTP status
@@ -285,7 +286,7 @@ class CompletionsService:
                 return StreamingResponse(stream, media_type="text/event-stream", headers=SSE_HEADERS)
             final = first
             last = time.monotonic()
-            async for final in outputs:
+            async for final in outputs:  # noqa: B007 - the last one is the answer
                 now = time.monotonic()
                 metrics.itl.observe(now - last)
                 last = now

@@ -227,7 +227,8 @@ class _Watchdog:
         self._timer.cancel()
 
 
-def _connect(parsed: ParsedURL, addresses: list[str], policy: MediaPolicy, deadline: float) -> http.client.HTTPConnection:
+def _connect(parsed: ParsedURL, addresses: list[str], policy: MediaPolicy,
+             deadline: float) -> http.client.HTTPConnection:
     """A connection to the first of the checked addresses that answers (no other lookup happens)."""
     error: OSError | None = None
     for address in addresses:

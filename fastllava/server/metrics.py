@@ -68,7 +68,8 @@ class _EngineCollector:
             else:
                 yield GaugeMetricFamily(f"{PREFIX}_engine_{name}", f"engine.stats(): {name}", value=value)
         rates = {
-            "prefix_cache_hit_rate": _ratio(flat.get("prefix_cache_hit_tokens"), flat.get("prefix_cache_queried_tokens")),
+            "prefix_cache_hit_rate": _ratio(flat.get("prefix_cache_hit_tokens"),
+                                            flat.get("prefix_cache_queried_tokens")),
             "image_cache_hit_rate": _ratio(flat.get("image_cache_hits"),
                                            flat.get("image_cache_hits", 0) + flat.get("image_cache_misses", 0)),
         }

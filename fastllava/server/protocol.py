@@ -173,7 +173,8 @@ def unknown_fields(model: BaseModel, prefix: str = "") -> list[str]:
     return names[:20]
 
 
-def to_sampling_params(request: ChatCompletionRequest | CompletionRequest, default_max_tokens: int | None) -> SamplingParams:
+def to_sampling_params(request: ChatCompletionRequest | CompletionRequest,
+                       default_max_tokens: int | None) -> SamplingParams:
     """The engine's SamplingParams for a request; raises ValueError (-> 400) on inconsistent values."""
     top_k = request.top_k if request.top_k is not None else 0
     max_tokens = request.max_new_tokens()
