@@ -139,6 +139,9 @@ def test_chat_with_image_streamed_and_not(server):
     expected = len(ids[0])
     assert usage.prompt_tokens == expected
     assert HTTP.post(server.url + "/tokenize", json={"messages": messages}).json()["count"] == expected
+    bare_url = {"type": "image_url", "image_url": messages[0]["content"][0]["image_url"]["url"]}
+    as_string = [{"role": "user", "content": [bare_url, messages[0]["content"][1]]}]  # some clients send it bare
+    assert HTTP.post(server.url + "/tokenize", json={"messages": as_string}).json()["count"] == expected
 
 
 def test_n_seed_stop_logprobs(server):

@@ -116,7 +116,7 @@ def image_urls(messages: list[ChatMessage]) -> list[tuple[str, str]]:
         if isinstance(message.content, list):
             for j, part in enumerate(message.content):
                 if part.type == "image_url":
-                    found.append((part.image_url.url, f"messages[{i}].content[{j}].image_url.url"))
+                    found.append((part.url, f"messages[{i}].content[{j}].image_url.url"))
     return found
 
 

@@ -37,7 +37,11 @@ class TextPart(_Open):
 
 class ImagePart(_Open):
     type: Literal["image_url"]
-    image_url: ImageURL
+    image_url: ImageURL | str  # OpenAI sends {"url": ...}; some clients send the URL itself
+
+    @property
+    def url(self) -> str:
+        return self.image_url if isinstance(self.image_url, str) else self.image_url.url
 
 
 ContentPart = Annotated[Union[TextPart, ImagePart], Field(discriminator="type")]
