@@ -53,9 +53,7 @@ class CLIPVisionModel(nn.Module):
 
     def hidden_states_at(self, pixel_values: torch.Tensor, layers: list[int]) -> list[torch.Tensor]:
         """Hidden states at the given layer indices, running the encoder only as deep as needed."""
-        deepest = max(self.encoder.normalise_index(i) for i in layers)
-        _, kept, _, _ = self.encoder.run(self.embed(pixel_values), keep=layers, stop_after=deepest)
-        return [kept[self.encoder.normalise_index(i)] for i in layers]
+        return self.encoder.hidden_states_at(self.embed(pixel_values), layers)
 
     def forward(self, pixel_values: torch.Tensor, output_hidden_states: bool = False,
                 output_attentions: bool = False, **_: object) -> VisionOutput:

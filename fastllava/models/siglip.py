@@ -62,9 +62,7 @@ class SiglipVisionModel(nn.Module):
         return self.config.patch_size
 
     def hidden_states_at(self, pixel_values: torch.Tensor, layers: list[int]) -> list[torch.Tensor]:
-        deepest = max(self.encoder.normalise_index(i) for i in layers)
-        _, kept, _, _ = self.encoder.run(self.embeddings(pixel_values), keep=layers, stop_after=deepest)
-        return [kept[self.encoder.normalise_index(i)] for i in layers]
+        return self.encoder.hidden_states_at(self.embeddings(pixel_values), layers)
 
     def forward(self, pixel_values: torch.Tensor, output_hidden_states: bool = False,
                 output_attentions: bool = False, **_: object) -> VisionOutput:

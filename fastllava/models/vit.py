@@ -95,6 +95,12 @@ class VisionEncoder(nn.Module):
             raise IndexError(f"vision feature layer {index} is outside 0..{depth} (or -{depth + 1}..-1)")
         return normalised
 
+    def hidden_states_at(self, x: torch.Tensor, layers: list[int]) -> list[torch.Tensor]:
+        """Hidden states at the given layer indices of embeddings ``x``, running only as deep as needed."""
+        deepest = max(self.normalise_index(i) for i in layers)
+        _, kept, _, _ = self.run(x, keep=layers, stop_after=deepest)
+        return [kept[self.normalise_index(i)] for i in layers]
+
     def run(
         self,
         x: torch.Tensor,
