@@ -22,6 +22,7 @@ def test_defaults_are_safe(monkeypatch):
     assert (media.connect_timeout, media.total_timeout, media.max_redirects) == (5.0, 10.0, 3)
     assert settings.max_body_bytes == 32 << 20 and settings.max_queued_requests == 64
     assert engine_options(args) == {"max_num_seqs": 8, "max_queued_requests": 64}
+    assert settings.trusted_hosts == frozenset({"localhost", "127.0.0.1", "::1"})  # DNS-rebinding guard on loopback
 
 
 def test_flags_reach_settings_and_engine(tmp_path, monkeypatch):
@@ -35,6 +36,10 @@ def test_flags_reach_settings_and_engine(tmp_path, monkeypatch):
     ])
     settings = settings_from_args(args)
     assert settings.model_name == "my-model" and settings.api_key == "k"
+    assert settings.trusted_hosts is None  # bound to every interface: any Host unless --allowed-hosts says
+    assert settings_from_args(build_parser().parse_args(["--allowed-hosts", "chat.example.com,[::1]"])).trusted_hosts \
+        == frozenset({"chat.example.com", "::1"})
+    assert settings_from_args(build_parser().parse_args(["--allowed-hosts", "*"])).trusted_hosts is None
     assert settings.media.allowed_domains == frozenset({"images.example.com", "127.0.0.1"})
     assert settings.media.allowed_local_path == tmp_path.resolve() and settings.media.max_images == 2
     assert (settings.max_queued_requests, settings.max_running_requests, settings.max_in_flight) == (5, 3, 8)

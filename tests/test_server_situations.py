@@ -101,6 +101,30 @@ def test_concurrent_uploads_are_bounded_before_reading_bodies():
         assert HTTP.post(url, json={**slow, "stream": False, "max_tokens": 1}).status_code == 200
 
 
+def test_cross_site_requests_are_refused():
+    """Another web page can neither reach a loopback server through DNS rebinding (Host check) nor make a browser
+    post a form or text/plain body to it (only JSON is accepted, which a browser sends cross-origin only after a
+    CORS preflight this server never grants)."""
+    engine = FakeEngine()
+    with serve(engine, trusted_hosts=frozenset({"localhost", "127.0.0.1", "::1"})) as live:
+        live.wait_ready()
+        url = live.url + "/v1/chat/completions"
+        body = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1})
+        assert_error(HTTP.post(url, content=body, headers={"host": "evil.example:8000",
+                                                            "content-type": "application/json"}), 400, "invalid_host")
+        assert_error(HTTP.get(live.url + "/", headers={"host": "rebound.example"}), 400, "invalid_host")
+        for content_type in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x"):
+            assert_error(HTTP.post(url, content=body, headers={"content-type": content_type}), 415,
+                         "unsupported_media_type")
+        assert HTTP.options(url, headers={"origin": "https://evil.example",
+                                          "access-control-request-method": "POST"}).status_code >= 400
+        assert not engine.conversations
+        for host in ("localhost", f"127.0.0.1:{live.port}", f"[::1]:{live.port}"):
+            response = HTTP.post(url, content=body, headers={"host": host, "content-type": "application/json"})
+            assert response.status_code == 200, (host, response.text)
+            assert "access-control-allow-origin" not in response.headers
+
+
 def test_engine_queue_full_is_503():
     with serve(FakeEngine(capacity=0)) as live:
         live.wait_ready()

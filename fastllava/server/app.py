@@ -97,8 +97,17 @@ async def _start_engine(state: ServerState, loader: Loader, on_failure: Callable
             on_failure(state.load_error)
 
 
-def _parse(model: type[BaseModel], raw: bytes) -> Any:
-    """A request body as ``model``: malformed JSON or invalid fields give a bounded 400 that never echoes input."""
+def _parse(model: type[BaseModel], raw: bytes, content_type: str | None = None) -> Any:
+    """A request body as ``model``: malformed JSON or invalid fields give a bounded 400 that never echoes input.
+
+    A body declared as something other than JSON is refused (415): the content types a web page may send to another
+    origin without asking (forms, text/plain) never reach the model, so another site cannot make the browser of
+    someone on this machine use the server (cross-site request forgery)."""
+    if content_type:
+        media_type = content_type.split(";", 1)[0].strip().lower()
+        if media_type != "application/json" and not media_type.endswith("+json"):
+            raise APIError(415, "Send the request body as JSON with 'Content-Type: application/json'",
+                           code="unsupported_media_type")
     try:
         data = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
@@ -150,7 +159,7 @@ def create_app(settings: ServerSettings, loader: Loader, on_load_failure: Callab
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
         async def handle() -> Response:
-            body = _parse(ChatCompletionRequest, await request.body())
+            body = _parse(ChatCompletionRequest, await request.body(), request.headers.get("content-type"))
             state.require_ready()
             return await service.chat(request, body)
         return await metered("chat", handle)
@@ -158,7 +167,7 @@ def create_app(settings: ServerSettings, loader: Loader, on_load_failure: Callab
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
         async def handle() -> Response:
-            body = _parse(CompletionRequest, await request.body())
+            body = _parse(CompletionRequest, await request.body(), request.headers.get("content-type"))
             state.require_ready()
             return await service.completion(request, body)
         return await metered("completions", handle)
@@ -166,7 +175,7 @@ def create_app(settings: ServerSettings, loader: Loader, on_load_failure: Callab
     @app.post("/tokenize")
     async def tokenize(request: Request) -> Response:
         async def handle() -> Response:
-            body = _parse(TokenizeRequest, await request.body())
+            body = _parse(TokenizeRequest, await request.body(), request.headers.get("content-type"))
             problems = body.unsupported_fields()
             if problems:
                 raise APIError(400, "; ".join(problems), code="invalid_request")
@@ -240,6 +249,6 @@ def create_app(settings: ServerSettings, loader: Loader, on_load_failure: Callab
         state.metrics.rejected.labels(reason).inc()
 
     guarded = Guard(app, settings.api_key, settings.max_body_bytes, settings.body_concurrency, on_reject,
-                    settings.retry_after)
+                    settings.retry_after, settings.trusted_hosts)
     guarded.state = state  # for tests and the CLI
     return guarded

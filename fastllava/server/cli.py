@@ -33,6 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--served-model-name", help="the model id clients use (default: from --model)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--allowed-hosts", type=_csv, default=None, metavar="NAME[,NAME...]",
+                   help="Host header names the server answers to ('*': any); default when bound to loopback: "
+                        "localhost, 127.0.0.1, ::1 (a guard against DNS rebinding), otherwise any")
     p.add_argument("--api-key", default=os.environ.get("FASTLLAVA_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on every endpoint but /health and the page "
                         "(default: $FASTLLAVA_API_KEY, else none)")
@@ -82,12 +85,17 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         connect_timeout=args.media_connect_timeout, total_timeout=args.media_timeout,
     )
     name = args.served_model_name or (Path(args.model).name if args.model else "fastllava-demo")
+    if args.allowed_hosts is not None:
+        trusted = None if "*" in args.allowed_hosts else frozenset(h.lower().strip("[]").rstrip(".")
+                                                                  for h in args.allowed_hosts)
+    else:
+        trusted = frozenset({"localhost", "127.0.0.1", "::1"}) if _is_loopback(args.host) else None
     return ServerSettings(
         model_name=name, api_key=args.api_key or None, media=policy, max_running_requests=args.max_num_seqs,
         max_queued_requests=args.max_queued_requests, max_body_bytes=args.max_body_bytes,
         max_concurrent_bodies=args.max_concurrent_uploads,
         request_timeout=args.request_timeout, default_max_tokens=args.default_max_tokens, max_n=args.max_n,
-        max_model_len=args.max_model_len,
+        max_model_len=args.max_model_len, trusted_hosts=trusted,
     )
 
 

@@ -1,7 +1,10 @@
-"""The server's front door, a pure ASGI middleware: API key check, a bound on concurrent uploads, a bounded body.
+"""The server's front door, a pure ASGI middleware: Host check, API key check, bounded uploads, bounded bodies.
 
-Runs before any routing or parsing. With an API key configured, every path except the health check and the static
-chat page needs ``Authorization: Bearer KEY`` (compared in constant time) or gets a 401 before its body is read.
+Runs before any routing or parsing. With ``trusted_hosts`` set (the CLI sets it when binding to loopback), a request
+whose Host header names another host gets a 400: a web page that rebinds its own domain to 127.0.0.1 (DNS rebinding)
+cannot reach the server as a same-origin site. With an API key configured, every path except the health check and
+the static chat page needs ``Authorization: Bearer KEY`` (compared in constant time) or gets a 401 before its body
+is read.
 At most ``max_concurrent_bodies`` requests with a body are handled at once (more get an OpenAI-shaped 503 with
 Retry-After before their body is read), so the memory held by request bodies stays below that many times
 ``max_body_bytes``. A body larger than ``max_body_bytes`` gets a 413: at once when Content-Length says so,
@@ -39,8 +42,10 @@ async def send_error(send: Send, error: APIError, close: bool = False) -> None:
 
 class Guard:
     def __init__(self, app: Any, api_key: str | None, max_body_bytes: int, max_concurrent_bodies: int = 1 << 30,
-                 on_reject: Callable[[str], None] = lambda reason: None, retry_after: int = 1):
+                 on_reject: Callable[[str], None] = lambda reason: None, retry_after: int = 1,
+                 trusted_hosts: frozenset[str] | None = None):
         self.app = app
+        self.trusted_hosts = trusted_hosts
         self.api_key = api_key.encode() if api_key else None
         self.max_body_bytes = max_body_bytes
         self.max_concurrent_bodies = max_concurrent_bodies
@@ -60,9 +65,24 @@ class Guard:
                 return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.api_key)
         return False
 
+    def _trusted_host(self, scope: Scope) -> bool:
+        if self.trusted_hosts is None:
+            return True
+        for name, value in scope.get("headers", []):
+            if name == b"host":
+                host = value.decode("latin-1").strip().lower()
+                host = host[1:].split("]", 1)[0] if host.startswith("[") else host.rsplit(":", 1)[0]
+                return host.rstrip(".") in self.trusted_hosts
+        return False
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
+            return
+        if not self._trusted_host(scope):
+            self.on_reject("invalid_host")
+            await send_error(send, APIError(400, "This server does not answer to that Host name (see --allowed-hosts)",
+                                            code="invalid_host"), close=True)
             return
         if not self._authorized(scope):
             self.on_reject("invalid_api_key")

@@ -23,6 +23,7 @@ class ServerSettings:
     max_n: int = 16
     retry_after: int = 1  # seconds, in 503 answers
     max_model_len: int | None = None  # reported by /v1/models and /tokenize (else read from the engine)
+    trusted_hosts: frozenset[str] | None = None  # Host header names accepted (None: any); DNS-rebinding guard
 
     @property
     def max_in_flight(self) -> int:
