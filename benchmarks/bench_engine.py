@@ -1,0 +1,365 @@
+"""Serving benchmark: the fastllava engine vs transformers' batched generate on the same concurrent requests.
+
+Model: the real llava-interleave-qwen-0.5b architecture with random weights (benchmarks/common.py builds the
+checkpoint once under bench_out/), one 384x384 image per request (729 image tokens) in the interleave chat
+prompt, greedy decoding of exactly ``--new-tokens`` tokens (EOS ignored / suppressed so both do the same work).
+Sections (``--only`` picks some):
+
+* ``kv-layout``: the measurement behind engine/kv_pool.py - SDPA of one decode query over a contiguous
+  per-sequence cache vs over blocks gathered from a paged pool, fp32 and bf16 (one layer, 16 heads x 64).
+* ``throughput``: N concurrent requests with distinct images, all arriving at once: transformers' batched
+  ``generate`` (left-padded) vs the engine. Generated tok/s, p50/p95 time to first token and inter-token latency
+  (transformers' per-step times are taken by a logits processor), the engine's prefill phase against the compute
+  floor (prefill FLOPs / this run's measured GEMM rate), and how many outputs are identical.
+* ``shared-images``: N requests asking different questions about N/4 images (the caches at work), same measures.
+* ``repeat``: time to first token of a second question about an image already seen, with the caches and
+  without, against the first question's; and of a chat's second turn against its first.
+
+Every comparison runs both libraries in this process; ratios are ours over theirs (tok/s: higher is better,
+times: lower is better). One JSON line per result, plus a table; peak RSS at the end.
+
+    python benchmarks/bench_engine.py [--dtype float32] [--concurrency 4] [--new-tokens 32] [--only ...]
+
+``--dtype float32`` is the default because on this machine's AVX2 CPU (no bf16 arithmetic) a bf16 GEMM runs at
+~6 GFLOP/s against ~50 for fp32 (measured by this script under the same load): a single bf16 prefill of one
+image prompt takes minutes. ``--dtype bfloat16`` runs the same benchmark in bf16.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from common import (  # noqa: E402
+    emit_json,
+    llava_interleave_qwen_0_5b_config,
+    make_random_checkpoint,
+    memory_status,
+    print_table,
+    toy_llava_interleave_config,
+)
+
+# Qwen chat-template ids of the interleave prompt around the image: "<|im_start|>user\n" ... "<|im_end|>\n<|im_start|>assistant\n"
+IM_START, IM_END, USER, ASSISTANT, NEWLINE, PAD = 151644, 151645, 872, 77091, 198, 151643
+
+
+def quantile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+
+# ---------------------------------------------------------------------------------------------------- kv layout
+
+
+def best_time(fn, repeats: int = 20) -> float:
+    for _ in range(3):
+        fn()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def bench_kv_layout() -> list[dict[str, Any]]:
+    """SDPA of one decode query: contiguous per-sequence cache (strided view) vs gathered blocks / slots."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    heads, dim, block, pool_blocks = 16, 64, 16, 4096
+    rows = []
+    try:
+        for dtype in (torch.float32, torch.bfloat16):
+            for length in (256, 800):
+                g = torch.Generator().manual_seed(0)
+                q = torch.randn(1, heads, 1, dim, generator=g).to(dtype)
+                own = torch.randn(2, heads, length + 64, dim, generator=g).to(dtype)  # a sequence's own storage
+                pool = torch.randn(2, pool_blocks, heads, block, dim, generator=g).to(dtype)
+                ids = torch.randperm(pool_blocks, generator=g)[: -(-length // block)]
+                slots_pool = pool.permute(0, 2, 1, 3, 4).reshape(2, heads, pool_blocks * block, dim)
+                slots = (ids[:, None] * block + torch.arange(block)).reshape(-1)[:length]
+
+                def contiguous():
+                    return F.scaled_dot_product_attention(q, own[0, :, :length][None], own[1, :, :length][None])
+
+                def blocks():
+                    k = pool[0].index_select(0, ids).permute(1, 0, 2, 3).reshape(heads, -1, dim)[:, :length]
+                    v = pool[1].index_select(0, ids).permute(1, 0, 2, 3).reshape(heads, -1, dim)[:, :length]
+                    return F.scaled_dot_product_attention(q, k[None], v[None])
+
+                def gathered_slots():
+                    k, v = slots_pool[0].index_select(1, slots), slots_pool[1].index_select(1, slots)
+                    return F.scaled_dot_product_attention(q, k[None], v[None])
+
+                times = {name: best_time(fn) * 1e3 for name, fn in
+                         (("contiguous", contiguous), ("paged_blocks", blocks), ("paged_slots", gathered_slots))}
+                rows.append({"bench": "kv-layout", "dtype": str(dtype).replace("torch.", ""), "cached_tokens": length,
+                             "contiguous_ms": times["contiguous"], "paged_blocks_ms": times["paged_blocks"],
+                             "paged_slots_ms": times["paged_slots"],
+                             "ratio_blocks_over_contiguous": times["paged_blocks"] / times["contiguous"]})
+    finally:
+        torch.set_num_threads(threads)
+    return rows
+
+
+def gemm_gflops(dtype: torch.dtype) -> float:
+    x, w = torch.randn(512, 1024).to(dtype), torch.randn(2816, 1024).to(dtype)
+    return 2 * 512 * 1024 * 2816 / best_time(lambda: F.linear(x, w), 3) / 1e9
+
+
+# ---------------------------------------------------------------------------------------------------- workloads
+
+
+class Prompts:
+    """Pre-tokenized interleave chat prompts: [im_start user \\n] image [question] [im_end \\n im_start assistant \\n]."""
+
+    def __init__(self, config: dict, seed: int = 0):
+        self.vocab = min(config["text_config"]["vocab_size"], 150000)
+        # the real chat-template ids, or small stand-ins for a toy vocabulary
+        self.ids = (IM_START, IM_END, USER, ASSISTANT, NEWLINE) if self.vocab >= 150000 else (3, 4, 5, 6, 7)
+        self.pad = PAD if self.vocab >= 150000 else 1
+        vision = config["vision_config"]
+        self.image_size = vision["image_size"]
+        self.image_tokens = (vision["image_size"] // vision["patch_size"]) ** 2
+        self.image_token = config["image_token_index"]
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def image(self) -> torch.Tensor:
+        return torch.randn(1, 3, self.image_size, self.image_size, generator=self.generator)
+
+    def question(self, length: int) -> list[int]:
+        return torch.randint(10, self.vocab - 10, (length,), generator=self.generator).tolist()
+
+    def user(self) -> list[int]:
+        start, _, user, _, newline = self.ids
+        return [start, user, newline]
+
+    def assistant(self) -> list[int]:
+        start, end, _, assistant, newline = self.ids
+        return [end, newline, start, assistant, newline]
+
+    def make(self, image: torch.Tensor, question: list[int]) -> dict[str, Any]:
+        ids = self.user() + [self.image_token] * self.image_tokens + question + self.assistant()
+        return {"prompt_token_ids": ids, "pixel_values": image}
+
+
+class StepClock:
+    """A logits processor that only records when transformers reaches each decoding step."""
+
+    def __init__(self):
+        self.times: list[float] = []
+
+    def __call__(self, input_ids, scores):
+        self.times.append(time.perf_counter())
+        return scores
+
+
+def run_transformers(model, prompts: list[dict], new_tokens: int, pad: int) -> dict[str, Any]:
+    from transformers import LogitsProcessorList
+
+    longest = max(len(p["prompt_token_ids"]) for p in prompts)
+    ids = torch.full((len(prompts), longest), pad)
+    mask = torch.zeros(len(prompts), longest, dtype=torch.long)
+    for row, prompt in enumerate(prompts):  # left padding, as transformers wants for generation
+        tokens = prompt["prompt_token_ids"]
+        ids[row, longest - len(tokens):] = torch.tensor(tokens)
+        mask[row, longest - len(tokens):] = 1
+    pixels = torch.cat([p["pixel_values"] for p in prompts]).to(model.dtype)
+    clock = StepClock()
+    start = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, max_new_tokens=new_tokens,
+                             min_new_tokens=new_tokens, do_sample=False, logits_processor=LogitsProcessorList([clock]),
+                             pad_token_id=pad)
+    total = time.perf_counter() - start
+    ttft = clock.times[0] - start
+    gaps = [b - a for a, b in zip(clock.times, clock.times[1:])]
+    return {"total_s": total, "ttft": [ttft] * len(prompts), "itl": gaps * len(prompts),
+            "tokens": [row[longest:].tolist() for row in out], "prefill_s": ttft}
+
+
+def run_engine(engine, prompts: list[dict], new_tokens: int, tag: str) -> dict[str, Any]:
+    from fastllava.engine.types import SamplingParams
+
+    params = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
+    start = time.perf_counter()
+    for i, prompt in enumerate(prompts):
+        engine.add_request(f"{tag}-{i}", prompt, params)
+    stamps: dict[str, list[float]] = {f"{tag}-{i}": [] for i in range(len(prompts))}
+    tokens: dict[str, list[int]] = {}
+    while engine.has_unfinished_requests():
+        outputs = engine.step()
+        now = time.perf_counter()
+        for out in outputs:
+            stamps[out.request_id].extend([now] * len(out.outputs[0].token_ids_delta))
+            if out.finished:
+                tokens[out.request_id] = out.outputs[0].token_ids
+    total = time.perf_counter() - start
+    ttft = [s[0] - start for s in stamps.values()]
+    itl = [b - a for s in stamps.values() for a, b in zip(s, s[1:])]
+    return {"total_s": total, "ttft": ttft, "itl": itl, "tokens": [tokens[f"{tag}-{i}"] for i in range(len(prompts))],
+            "prefill_s": max(ttft)}
+
+
+def prefill_flops(model, prompts: list[dict], images: int, image_tokens: int) -> float:
+    """2 x parameters x tokens for the text model (embeddings excluded) and the vision tower (+ projector)."""
+    text = sum(p.numel() for n, p in model.model.language_model.named_parameters() if "embed_tokens" not in n)
+    vision = sum(p.numel() for p in model.model.vision_tower.parameters())
+    vision += sum(p.numel() for p in model.model.multi_modal_projector.parameters())
+    tokens = sum(len(p["prompt_token_ids"]) for p in prompts)
+    return 2 * text * tokens + 2 * vision * images * image_tokens
+
+
+def compare(name: str, prompts: list[dict], new_tokens: int, ours, theirs, engine_kwargs: dict, floor: float,
+            images: int, pad: int) -> list[dict[str, Any]]:
+    from fastllava.engine import Engine
+
+    theirs_result = run_transformers(theirs, prompts, new_tokens, pad)
+    engine = Engine(ours, None, max_num_seqs=len(prompts), **engine_kwargs)
+    ours_result = run_engine(engine, prompts, new_tokens, name)
+    stats = engine.stats()
+    generated = len(prompts) * new_tokens
+    rows = []
+    for library, result in (("fastllava-engine", ours_result), ("transformers", theirs_result)):
+        rows.append({"bench": name, "library": library, "requests": len(prompts), "images": images,
+                     "new_tokens": new_tokens, "prompt_tokens": len(prompts[0]["prompt_token_ids"]),
+                     "total_s": result["total_s"], "tok_s": generated / result["total_s"],
+                     "ttft_p50_s": statistics.median(result["ttft"]), "ttft_p95_s": quantile(result["ttft"], 0.95),
+                     "itl_p50_s": quantile(result["itl"], 0.5), "itl_p95_s": quantile(result["itl"], 0.95),
+                     "prefill_s": result["prefill_s"], "prefill_floor_s": floor})
+    same = sum(a == b for a, b in zip(ours_result["tokens"], theirs_result["tokens"]))
+    rows.append({"bench": name, "library": "ratio", "requests": len(prompts), "images": images,
+                 "tok_s": rows[0]["tok_s"] / rows[1]["tok_s"],
+                 "ttft_p50_s": rows[0]["ttft_p50_s"] / rows[1]["ttft_p50_s"],
+                 "prefill_s": rows[0]["prefill_s"] / rows[1]["prefill_s"],
+                 "prefill_over_floor": rows[0]["prefill_s"] / floor,
+                 "identical_outputs": f"{same}/{len(prompts)}",
+                 "prefix_hit_tokens": stats["prefix_cache"]["hit_tokens"],
+                 "image_cache_hits": stats["image_cache"]["hits"], "preemptions": stats["preemptions"]})
+    return rows
+
+
+def ttft_of(engine, request_id: str, prompt: dict, new_tokens: int = 2) -> tuple[float, list[int], int]:
+    from fastllava.engine.types import SamplingParams
+
+    start = time.perf_counter()
+    engine.add_request(request_id, prompt, SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True))
+    first, tokens, cached = None, [], 0
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if first is None and out.outputs and out.outputs[0].token_ids:
+                first = time.perf_counter() - start
+            if out.finished:
+                tokens, cached = out.outputs[0].token_ids, out.num_cached_tokens
+    return first, tokens, cached
+
+
+def bench_repeat(ours, factory: Prompts, engine_kwargs: dict, answer_tokens: int) -> list[dict[str, Any]]:
+    from fastllava.engine import Engine
+
+    image = factory.image()
+    first_prompt = factory.make(image, factory.question(24))
+    second_prompt = factory.make(image, factory.question(30))
+    rows = []
+    cached = Engine(ours, None, **engine_kwargs)
+    first, answer, _ = ttft_of(cached, "q1", first_prompt, answer_tokens)
+    second, _, hit = ttft_of(cached, "q2", second_prompt)
+    cold = Engine(ours, None, enable_prefix_caching=False, image_cache_bytes=0, **engine_kwargs)
+    uncached, _, _ = ttft_of(cold, "q2", second_prompt)
+    rows.append({"bench": "repeat-image-ttft", "first_s": first, "repeat_cached_s": second,
+                 "repeat_uncached_s": uncached, "ratio_cached_over_first": second / first,
+                 "ratio_uncached_over_first": uncached / first, "cached_tokens": hit,
+                 "prompt_tokens": len(second_prompt["prompt_token_ids"]), "target_ratio": 0.3})
+    # the chat's next turn: the conversation so far (prompt + answer) plus a new question
+    turn2 = {"prompt_token_ids": first_prompt["prompt_token_ids"] + answer + factory.assistant()[:2] + factory.user()
+             + factory.question(20) + factory.assistant(), "pixel_values": image}
+    turn_ttft, _, hit = ttft_of(cached, "t2", turn2)
+    rows.append({"bench": "second-turn-ttft", "first_turn_s": first, "second_turn_s": turn_ttft,
+                 "ratio": turn_ttft / first, "cached_tokens": hit, "prompt_tokens": len(turn2["prompt_token_ids"]),
+                 "target_ratio": 0.1})
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------- main
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="bench_out")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[4])
+    parser.add_argument("--new-tokens", type=int, nargs="+", default=[32])
+    parser.add_argument("--shared-requests", type=int, default=4, help="requests in the shared-images workload")
+    parser.add_argument("--max-num-batched-tokens", type=int, default=512)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--toy", action="store_true", help="the same architecture at toy size (tests of this script)")
+    parser.add_argument("--only", nargs="+", default=["kv-layout", "throughput", "shared-images", "repeat"],
+                        choices=["kv-layout", "throughput", "shared-images", "repeat"])
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    rows: list[dict[str, Any]] = []
+
+    def report(new_rows):
+        for row in new_rows:
+            emit_json(row)
+        rows.extend(new_rows)
+
+    if "kv-layout" in args.only:
+        report(bench_kv_layout())
+    if set(args.only) == {"kv-layout"}:
+        return
+
+    import transformers
+
+    import fastllava
+
+    dtype = getattr(torch, args.dtype)
+    config = toy_llava_interleave_config() if args.toy else llava_interleave_qwen_0_5b_config()
+    name = "llava-interleave-toy-random" if args.toy else "llava-interleave-qwen-0.5b-random"
+    directory, _ = make_random_checkpoint(Path(args.out) / name, config)
+    ours = fastllava.LlavaForConditionalGeneration.from_pretrained(directory, dtype=dtype)
+    gflops = gemm_gflops(dtype)
+    report([{"bench": "gemm", "dtype": args.dtype, "gflops": gflops,
+             "gflops_bf16": gemm_gflops(torch.bfloat16) if dtype != torch.bfloat16 else gflops}])
+    engine_kwargs = {"max_num_batched_tokens": args.max_num_batched_tokens}
+    factory = Prompts(config)
+    if "repeat" in args.only:
+        report(bench_repeat(ours, factory, engine_kwargs, answer_tokens=min(args.new_tokens)))
+    theirs = None
+    if {"throughput", "shared-images"} & set(args.only):
+        theirs = transformers.LlavaForConditionalGeneration.from_pretrained(directory, dtype=dtype).eval()
+    for new_tokens in args.new_tokens:
+        if "throughput" in args.only:
+            for count in args.concurrency:
+                prompts = [factory.make(factory.image(), factory.question(20 + 3 * i)) for i in range(count)]
+                floor = prefill_flops(ours, prompts, count, factory.image_tokens) / (gflops * 1e9)
+                report(compare("distinct-images", prompts, new_tokens, ours, theirs, engine_kwargs, floor, count,
+                                      factory.pad))
+        if "shared-images" in args.only:
+            count = args.shared_requests
+            images = [factory.image() for _ in range(max(1, count // 4))]
+            prompts = [factory.make(images[i % len(images)], factory.question(20 + 3 * i)) for i in range(count)]
+            floor = prefill_flops(ours, prompts, len(images), factory.image_tokens) / (gflops * 1e9)
+            report(compare("shared-images", prompts, new_tokens, ours, theirs, engine_kwargs, floor, len(images),
+                                  factory.pad))
+    memory = memory_status()
+    report([{"bench": "memory", "peak_rss_gib": memory.get("hwm", memory["ru_maxrss"]) / 2 ** 30}])
+    columns = ["bench", "library", "requests", "new_tokens", "total_s", "tok_s", "ttft_p50_s", "ttft_p95_s",
+               "itl_p50_s", "itl_p95_s", "prefill_s", "prefill_floor_s", "identical_outputs"]
+    print()
+    print_table([r for r in rows if "library" in r], columns)
+
+
+if __name__ == "__main__":
+    main()
