@@ -141,6 +141,7 @@ def image_server():
 
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     httpd.daemon_threads = True
+    httpd.handle_error = lambda request, address: None  # clients hanging up mid-body is the point of some tests
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     httpd.base = f"http://127.0.0.1:{httpd.server_address[1]}"
     httpd.port = httpd.server_address[1]
@@ -407,6 +408,7 @@ def tls_server(tmp_path_factory):
             pass
 
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    httpd.handle_error = lambda request, address: None  # refused handshakes are the point of the test
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(cert, key)
     httpd.socket = context.wrap_socket(httpd.socket, server_side=True)
