@@ -25,9 +25,9 @@ def load_model_and_processor(model_path: str | None, dtype: str = "auto", device
     path = model_path or str(DEMO_MODEL)
     if model_path is None and not (DEMO_MODEL / "config.json").is_file():
         raise SystemExit("the bundled demo model is missing from this installation; pass --model DIR_OR_HUB_ID")
-    if quantize:
-        raise SystemExit("--quantize is not available yet in this version of fastllava")
-    model = LlavaForConditionalGeneration.from_pretrained(path, dtype=dtype, device_map=device or "cpu")
+    # quantize: "int8" / "int4" (or anything fastllava.QuantizationConfig accepts); None keeps full precision
+    model = LlavaForConditionalGeneration.from_pretrained(path, dtype=dtype, device_map=device or "cpu",
+                                                          quantization_config=quantize or None)
     return model, AutoProcessor.from_pretrained(path)
 
 

@@ -1,0 +1,438 @@
+"""Weight-only int8/int4 quantization: accuracy against the float model (and transformers, the oracle), exactness
+of the kernels against the dequantized weights, greedy generation, quantized save/reload without re-quantizing,
+every accepted config spelling, clear errors, the fallbacks (shapes the packed kernels refuse, the dequantize
+path used on CUDA) and the streaming load (each source tensor quantized then released)."""
+
+from __future__ import annotations
+
+import json
+import types
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import fastllava
+from fastllava import quantization as q
+from fastllava.quantization import (
+    Int4Linear,
+    Int8Embedding,
+    Int8Linear,
+    QuantizationConfig,
+    QuantizationError,
+    quantized_modules,
+    set_kernel,
+)
+from tiny_checkpoints import make_checkpoint, sample_inputs
+
+LM = fastllava.LlavaForConditionalGeneration
+SCHEMES = [("int8", None), ("int4", 32), ("int4", 64)]
+# Bounds on the relative max logit error (max |quantized - float| / max |float|) on the tiny random oracle
+# checkpoints. Their weights are N(0, 0.02) noise, the worst case for 4-bit codes (no outliers, no structure):
+# measured int8 0.008-0.012 and int4 0.10-0.17 (fp32); the bounds leave about 2x room.
+ERROR_BOUND = {"int8": 0.03, "int4": 0.35}
+
+
+def load(directory, scheme=None, dtype=torch.float32, **extra):
+    config = None if scheme is None else QuantizationConfig(weights=scheme[0], group_size=scheme[1], **extra)
+    return LM.from_pretrained(directory, dtype=dtype, quantization_config=config)
+
+
+def logits(model, batch=2):
+    vocab = model.config.text_config.vocab_size
+    ids, mask, pixels = sample_inputs(batch=batch, vocab=vocab, image_token=model.config.image_token_index)
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits.float(), mask.bool()
+
+
+def relative_error(got, want, valid):
+    return ((got - want)[valid].abs().max() / want[valid].abs().max()).item()
+
+
+@pytest.fixture(scope="module")
+def odd_vocab_checkpoint(tmp_path_factory):
+    """lm_head with 120 rows: not a multiple of 16, which torch's int4 CPU kernel needs."""
+    return make_checkpoint(tmp_path_factory.mktemp("odd_vocab"), "clip_llama", vocab=120, image_token=119)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Accuracy
+
+
+@pytest.mark.parametrize("family", ["clip_llama", "siglip_qwen2", "clip_mistral"])
+@pytest.mark.parametrize("scheme", SCHEMES, ids=lambda s: f"{s[0]}-g{s[1]}")
+def test_logit_error_against_the_float_model_is_bounded(checkpoint_factory, family, scheme, record_property):
+    directory = checkpoint_factory(family)
+    want, valid = logits(load(directory))
+    got, _ = logits(load(directory, scheme))
+    error = relative_error(got, want, valid)
+    agree = (got.argmax(-1) == want.argmax(-1))[valid].float().mean().item()
+    record_property("relative_max_logit_error", error)
+    print(f"\n{family} {scheme[0]} group {scheme[1]}: relative max logit error {error:.4f}, top-1 agreement {agree:.3f}")
+    assert error <= ERROR_BOUND[scheme[0]]
+    assert agree >= (0.95 if scheme[0] == "int8" else 0.6)
+
+
+@pytest.mark.parametrize("scheme", SCHEMES, ids=lambda s: f"{s[0]}-g{s[1]}")
+def test_bf16_logit_error_against_transformers_is_bounded(checkpoint_factory, scheme):
+    transformers = pytest.importorskip("transformers")
+    directory = checkpoint_factory("siglip_qwen2")
+    oracle = transformers.LlavaForConditionalGeneration.from_pretrained(directory, dtype=torch.bfloat16).eval()
+    want, valid = logits(oracle)
+    ours_bf16, _ = logits(load(directory, dtype=torch.bfloat16))
+    got, _ = logits(load(directory, scheme, dtype=torch.bfloat16))
+    baseline = relative_error(ours_bf16, want, valid)  # bf16 rounding alone
+    error = relative_error(got, want, valid)
+    print(f"\nbf16 {scheme[0]} group {scheme[1]}: error vs transformers {error:.4f} (unquantized bf16: {baseline:.4f})")
+    assert error <= ERROR_BOUND[scheme[0]] + baseline
+
+
+def _fake_quantized_float_model(directory, quantized):
+    """The fp32 model with every quantized weight replaced by its dequantized value (ties broken)."""
+    reference = load(directory)
+    for name, module in quantized_modules(quantized).items():
+        target = reference.get_submodule(name)
+        target.weight = nn.Parameter(module.dequantize(torch.float32), requires_grad=False)
+    return reference
+
+
+@pytest.mark.parametrize("family", ["clip_llama", "siglip_qwen2"])
+@pytest.mark.parametrize("scheme", SCHEMES, ids=lambda s: f"{s[0]}-g{s[1]}")
+def test_packed_kernels_equal_matmul_with_the_dequantized_weights(checkpoint_factory, family, scheme):
+    directory = checkpoint_factory(family)
+    quantized = load(directory, scheme)
+    kernels = {module.kernel for module in quantized_modules(quantized).values()}
+    assert kernels == {"lookup", "int8pack" if scheme[0] == "int8" else "int4pack"}
+    got, valid = logits(quantized)
+    want, _ = logits(_fake_quantized_float_model(directory, quantized))
+    assert relative_error(got, want, valid) <= 1e-5
+
+
+def test_quantized_codes_are_the_nearest_for_their_scales():
+    torch.manual_seed(0)
+    weight = torch.randn(48, 128) * 0.05
+    weight[3] = 0.0  # an all-zero row keeps codes 0 and a positive scale
+    original = weight.clone()
+    codes, scales = q.quantize_int8(weight, torch.bfloat16)
+    assert torch.equal(weight, original)  # the source (a view of the file map) is never written
+    assert scales.dtype == torch.bfloat16 and bool((scales > 0).all()) and bool((codes[3] == 0).all())
+    error = (codes.float() * scales.float()[:, None] - weight).abs()
+    assert bool((error <= scales.float()[:, None] / 2 + 1e-7).all())
+    packed, scales4, zeros4 = q.quantize_int4(weight, 32, torch.float32)
+    assert torch.equal(weight, original)
+    assert packed.shape == (48, 64) and scales4.shape == zeros4.shape == (48, 4)
+    error = (q.dequantize_int4(packed, scales4, zeros4, torch.float32) - weight).abs().reshape(48, 4, 32)
+    assert bool((error <= scales4[..., None] / 2 + 1e-6).all())
+
+
+def test_nibble_packing_round_trips():
+    codes = torch.randint(0, 16, (5, 64), dtype=torch.uint8)
+    packed = q.pack_nibbles(codes)
+    assert torch.equal(packed & 15, codes[:, 0::2]) and torch.equal(packed >> 4, codes[:, 1::2])
+    assert torch.equal(q.unpack_nibbles(packed), codes)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Generation
+
+
+@pytest.mark.parametrize("scheme", SCHEMES, ids=lambda s: f"{s[0]}-g{s[1]}")
+def test_greedy_generate_works_and_the_dequantize_path_gives_the_same_tokens(checkpoint_factory, scheme):
+    model = load(checkpoint_factory("clip_llama"), scheme)
+    ids, mask, pixels = sample_inputs(batch=2, pad=(0, 4))
+    packed = model.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, max_new_tokens=8, do_sample=False)
+    assert packed.shape == (2, ids.shape[1] + 8)
+    assert torch.equal(packed[:, :ids.shape[1]], ids)
+    set_kernel(model, "dequant")  # the path CUDA takes
+    assert {m.kernel for m in quantized_modules(model).values()} == {"lookup", "dequant"}
+    plain = model.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, max_new_tokens=8, do_sample=False)
+    assert torch.equal(packed, plain)
+    set_kernel(model, "auto")
+    assert torch.equal(model.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, max_new_tokens=8,
+                                      do_sample=False), packed)
+
+
+def test_bf16_greedy_generate_with_images(checkpoint_factory):
+    model = load(checkpoint_factory("siglip_qwen2"), ("int4", 64), dtype=torch.bfloat16)
+    ids, mask, pixels = sample_inputs(batch=1, pad=(0,))
+    out = model.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, max_new_tokens=6, do_sample=False)
+    assert out.shape == (1, ids.shape[1] + 6)
+    assert model.dtype == torch.bfloat16
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Save and reload
+
+
+@pytest.mark.parametrize("family", ["clip_llama", "siglip_qwen2"])
+@pytest.mark.parametrize("scheme", SCHEMES, ids=lambda s: f"{s[0]}-g{s[1]}")
+def test_save_and_reload_gives_identical_logits_without_requantizing(checkpoint_factory, tmp_path, monkeypatch,
+                                                                     family, scheme):
+    directory = checkpoint_factory(family)
+    model = load(directory, scheme, dtype=torch.bfloat16)
+    before, _ = logits(model)
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
+    assert saved["quant_method"] == "fastllava" and saved["weights"] == scheme[0] and saved["group_size"] == scheme[1]
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as handle:
+        dtypes = {key: handle.get_slice(key).get_dtype() for key in handle.keys()}
+    codes = "I8" if scheme[0] == "int8" else "U8"
+    assert dtypes["language_model.model.layers.0.mlp.up_proj." + ("weight" if scheme[0] == "int8" else "qweight")] == codes
+    assert dtypes["language_model.model.embed_tokens.weight"] == "I8"
+    assert (tmp_path / "model.safetensors").stat().st_size < 0.6 * (directory / "model.safetensors").stat().st_size
+
+    def no_requantizing(*args, **kwargs):
+        raise AssertionError("a saved quantized checkpoint must load without re-quantization")
+
+    monkeypatch.setattr(q, "quantize_int8", no_requantizing)
+    monkeypatch.setattr(q, "quantize_int4", no_requantizing)
+    reloaded = LM.from_pretrained(tmp_path)  # dtype "auto": bf16 from config.json
+    assert reloaded.dtype == torch.bfloat16
+    assert {type(m) for m in quantized_modules(reloaded).values()} == {type(m) for m in quantized_modules(model).values()}
+    after, _ = logits(reloaded)
+    assert torch.equal(before, after)
+    # The same request again is accepted (nothing to do); a different one is a clear error.
+    LM.from_pretrained(tmp_path, quantization_config={"weights": scheme[0], "group_size": scheme[1]})
+    other = "int4" if scheme[0] == "int8" else "int8"
+    with pytest.raises(QuantizationError, match="already quantized"):
+        LM.from_pretrained(tmp_path, quantization_config=other)
+    # And it saves again to the same bytes.
+    reloaded.save_pretrained(tmp_path / "again")
+    assert (tmp_path / "again" / "model.safetensors").read_bytes() == (tmp_path / "model.safetensors").read_bytes()
+
+
+def test_int4_plain_codes_are_recovered_from_the_kernel_layout_exactly():
+    for rows, cols, group in ((48, 128, 32), (96, 256, 64), (16, 256, 256)):
+        codes = torch.randint(0, 16, (rows, cols), dtype=torch.uint8)
+        plain = q.pack_nibbles(codes)
+        kernel = q._int4_kernel_layout(plain)
+        assert torch.equal(kernel, torch._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 2))
+        assert torch.equal(q._int4_plain_from_kernel(kernel, rows, cols, group), plain)
+
+
+def test_kernel_layout_conversion_in_row_chunks_equals_the_whole(monkeypatch):
+    codes = torch.randint(0, 16, (800, 64), dtype=torch.uint8)
+    whole = torch._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 2)
+    monkeypatch.setattr(q, "_CHUNK_ELEMENTS", 256 * 64)  # chunks of 256 rows and a 32-row tail
+    assert torch.equal(q._int4_kernel_layout(q.pack_nibbles(codes)), whole)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Config spellings
+
+
+def _kinds(model):
+    return {name: (type(m).__name__, getattr(m, "group_size", None)) for name, m in quantized_modules(model).items()}
+
+
+def test_dict_string_and_bitsandbytes_like_configs_are_accepted(checkpoint_factory):
+    directory = checkpoint_factory("clip_llama")
+    int8 = _kinds(LM.from_pretrained(directory, quantization_config=QuantizationConfig("int8")))
+    assert _kinds(LM.from_pretrained(directory, quantization_config={"weights": "int8"})) == int8
+    assert _kinds(LM.from_pretrained(directory, quantization_config="int8")) == int8
+    bnb8 = types.SimpleNamespace(load_in_8bit=True, load_in_4bit=False, llm_int8_skip_modules=None)
+    assert _kinds(LM.from_pretrained(directory, quantization_config=bnb8)) == int8
+    int4 = _kinds(LM.from_pretrained(directory, quantization_config=QuantizationConfig("int4", group_size=64)))
+    bnb4 = types.SimpleNamespace(load_in_4bit=True, bnb_4bit_quant_type="nf4")  # no load_in_8bit attribute at all
+    assert _kinds(LM.from_pretrained(directory, quantization_config=bnb4)) == int4
+    assert _kinds(LM.from_pretrained(directory, quantization_config={"load_in_4bit": True})) == int4
+    skip = types.SimpleNamespace(load_in_8bit=True, llm_int8_skip_modules=["lm_head"])
+    kinds = _kinds(LM.from_pretrained(directory, quantization_config=skip))
+    assert "lm_head" not in kinds and set(kinds) == set(int8) - {"lm_head"}
+    assert all(kind == ("Int8Linear", None) for name, kind in int8.items() if "layers" in name or name == "lm_head")
+    assert int8["model.language_model.embed_tokens"] == ("Int8Embedding", None)
+    assert len([k for k in int8 if "layers" in k]) == 2 * 7  # every decoder linear layer, nothing else
+    assert all(kind == ("Int4Linear", 64) for name, kind in int4.items() if "layers" in name or name == "lm_head")
+
+
+def test_real_bitsandbytes_config_object_is_read_by_duck_typing(checkpoint_factory):
+    transformers = pytest.importorskip("transformers")
+    try:
+        config = transformers.BitsAndBytesConfig(load_in_4bit=True)
+    except Exception as error:  # noqa: BLE001 - some builds refuse without the bitsandbytes package
+        pytest.skip(f"BitsAndBytesConfig unavailable: {error}")
+    assert QuantizationConfig.coerce(config) == QuantizationConfig("int4", group_size=64)
+    assert QuantizationConfig.coerce(config.to_dict()) == QuantizationConfig("int4", group_size=64)
+
+
+def test_module_groups_patterns_and_skips(checkpoint_factory):
+    directory = checkpoint_factory("clip_llama")
+    full = load(directory, ("int8", None), modules=["language_model", "embed_tokens", "lm_head", "vision_tower",
+                                                    "multi_modal_projector"])
+    kinds = _kinds(full)
+    assert "model.multi_modal_projector.linear_1" in kinds and "model.vision_tower.encoder.layers.0.mlp.fc1" in kinds
+    assert isinstance(full.model.vision_tower.embeddings.patch_embedding, nn.Conv2d)  # not a linear layer
+    got, valid = logits(full)
+    want, _ = logits(load(directory))
+    assert relative_error(got, want, valid) <= ERROR_BOUND["int8"]
+    default = _kinds(load(directory, ("int8", None)))
+    assert not any("vision_tower" in name or "projector" in name for name in default)
+    mlp_only = _kinds(load(directory, ("int8", None), modules=["model.language_model.layers.*.mlp.*"]))
+    assert set(mlp_only) == {f"model.language_model.layers.{i}.mlp.{p}_proj" for i in range(2)
+                             for p in ("gate", "up", "down")}
+    hub_names = _kinds(load(directory, ("int8", None), modules=["language_model.model.layers.1.*"]))
+    assert set(hub_names) == {name for name in default if name.startswith("model.language_model.layers.1.")}
+    skipped = _kinds(load(directory, ("int8", None), skip_modules=["down_proj", "model.language_model.layers.0"]))
+    assert not any("down_proj" in name or ".layers.0." in name for name in skipped)
+    assert "model.language_model.layers.1.mlp.up_proj" in skipped
+
+
+def test_tied_embeddings_are_quantized_together_with_lm_head(checkpoint_factory, tmp_path):
+    directory = checkpoint_factory("siglip_qwen2")  # tie_word_embeddings
+    int8 = load(directory, ("int8", None))
+    embed, head = int8.model.language_model.embed_tokens, int8.lm_head
+    assert isinstance(embed, Int8Embedding) and isinstance(head, Int8Linear)
+    assert head.weight is embed.weight  # one set of int8 codes
+    int4 = load(directory, ("int4", 32))
+    assert isinstance(int4.model.language_model.embed_tokens, Int8Embedding) and isinstance(int4.lm_head, Int4Linear)
+    assert "weight" not in vars(int4.lm_head)
+    untouched = load(directory, ("int8", None), skip_modules=["lm_head"])
+    assert type(untouched.model.language_model.embed_tokens) is nn.Embedding
+    assert untouched.lm_head.weight is untouched.model.language_model.embed_tokens.weight
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Errors
+
+
+@pytest.mark.parametrize("spec, message", [
+    (dict(weights="int3"), "weights must be one of"),
+    (dict(weights="int4", group_size=48), "group_size must be one of"),
+    (dict(weights="int4", group_size=True), "group_size must be one of"),
+    (dict(weights="int8", group_size=64), "per output channel"),
+    (dict(weights="int8", modules=[]), "modules is empty"),
+    (dict(weights="int8", modules=[3]), "non-empty strings"),
+])
+def test_bad_configs_are_clear_errors(spec, message):
+    with pytest.raises(QuantizationError, match=message):
+        QuantizationConfig(**spec)
+
+
+@pytest.mark.parametrize("value, message", [
+    ({"weights": "int8", "bits": 8}, "unknown quantization_config fields"),
+    ({"quant_method": "awq", "bits": 4}, "quant_method 'awq' is not supported"),
+    (types.SimpleNamespace(load_in_8bit=True, load_in_4bit=True), "both load_in_8bit and load_in_4bit"),
+    (types.SimpleNamespace(load_in_8bit=False, load_in_4bit=False), "neither load_in_8bit nor load_in_4bit"),
+    ({"load_in_8bit": False}, "neither"),
+    (8, "must be a fastllava.QuantizationConfig"),
+    ("fp8", "weights must be one of"),
+])
+def test_bad_config_values_are_clear_errors(value, message):
+    with pytest.raises(QuantizationError, match=message):
+        QuantizationConfig.coerce(value)
+
+
+def test_configs_that_select_nothing_or_match_nothing_are_errors(checkpoint_factory):
+    directory = checkpoint_factory("clip_llama")
+    with pytest.raises(QuantizationError, match="matches no quantizable layer"):
+        LM.from_pretrained(directory, quantization_config={"weights": "int8", "modules": ["language_modle"]})
+    with pytest.raises(QuantizationError, match="selects no layer"):
+        LM.from_pretrained(directory, quantization_config={"weights": "int8", "skip_modules": ["model", "lm_head"]})
+
+
+def test_foreign_or_inconsistent_quantized_checkpoints_are_errors(checkpoint_factory, tmp_path):
+    directory = checkpoint_factory("clip_llama")
+    foreign = tmp_path / "bnb"
+    foreign.mkdir()
+    config = json.loads((directory / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True}
+    (foreign / "config.json").write_text(json.dumps(config))
+    (foreign / "model.safetensors").symlink_to(directory / "model.safetensors")
+    with pytest.raises(QuantizationError, match="quantized with 'bitsandbytes'"):
+        LM.from_pretrained(foreign)
+    config["quantization_config"] = QuantizationConfig("int8").to_dict()
+    (foreign / "config.json").write_text(json.dumps(config))
+    with pytest.raises(QuantizationError, match="holds no quantized tensors"):
+        LM.from_pretrained(foreign)
+    load(directory, ("int4", 32)).save_pretrained(tmp_path / "int4")
+    config = json.loads((tmp_path / "int4" / "config.json").read_text())
+    config["quantization_config"]["group_size"] = 64
+    (tmp_path / "int4" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(QuantizationError, match="does not fit the checkpoint's quantization_config"):
+        LM.from_pretrained(tmp_path / "int4")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Fallbacks
+
+
+def test_int4_layer_the_cpu_kernel_refuses_falls_back_to_dequantize(odd_vocab_checkpoint, tmp_path):
+    model = load(odd_vocab_checkpoint, ("int4", 32))
+    assert model.lm_head.out_features == 120 and model.lm_head.kernel == "dequant"
+    assert model.model.language_model.layers[0].mlp.up_proj.kernel == "int4pack"
+    got, valid = logits(model)
+    want, _ = logits(_fake_quantized_float_model(odd_vocab_checkpoint, model))
+    assert relative_error(got, want, valid) <= 1e-5
+    model.save_pretrained(tmp_path)
+    again, _ = logits(LM.from_pretrained(tmp_path))
+    assert torch.equal(got, again)
+
+
+def test_group_size_that_does_not_divide_a_layer_keeps_it_in_full_precision(checkpoint_factory):
+    with pytest.warns(UserWarning, match="stay in full precision"):
+        model = load(checkpoint_factory("clip_llama"), ("int4", 128))
+    kinds = _kinds(model)
+    # hidden 64 < 128: only down_proj (input width 128) can take groups of 128
+    assert {name for name, kind in kinds.items() if kind[0] == "Int4Linear"} == {
+        f"model.language_model.layers.{i}.mlp.down_proj" for i in range(2)}
+    assert type(model.model.language_model.layers[0].self_attn.q_proj) is nn.Linear
+    got, valid = logits(model)
+    want, _ = logits(load(checkpoint_factory("clip_llama")))
+    assert relative_error(got, want, valid) <= ERROR_BOUND["int4"]
+
+
+@pytest.mark.parametrize("scheme", SCHEMES, ids=lambda s: f"{s[0]}-g{s[1]}")
+def test_dequantize_path_matches_the_packed_kernels_in_every_activation_dtype(checkpoint_factory, scheme):
+    model = load(checkpoint_factory("clip_llama"), scheme)
+    for dtype, tolerance in ((torch.float32, 1e-5), (torch.bfloat16, 0.03), (torch.float16, 3e-3)):
+        layer = model.model.language_model.layers[0].mlp.down_proj
+        x = torch.randn(3, 5, layer.in_features).to(dtype)
+        set_kernel(model, "auto")
+        packed = layer(x).float()
+        set_kernel(model, "dequant")
+        plain = layer(x).float()
+        assert packed.shape == (3, 5, layer.out_features)
+        assert ((packed - plain).abs().max() / plain.abs().max()).item() <= tolerance, dtype
+    set_kernel(model, "auto")
+
+
+def test_activation_dtypes_the_kernels_do_not_take_use_the_dequantize_path():
+    layer = Int8Linear(32, 16, bias=True)
+    layer.weight, layer.scales = q.quantize_int8(torch.randn(16, 32), torch.float32)
+    layer.bias = torch.randn(16)
+    layer.finish_load()
+    x = torch.randn(2, 32, dtype=torch.float64)
+    expected = x @ layer.dequantize(torch.float64).T + layer.bias.double()
+    assert torch.allclose(layer(x), expected)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Streaming
+
+
+def test_each_source_weight_is_quantized_then_its_file_pages_released(checkpoint_factory, monkeypatch):
+    from fastllava.weights import CheckpointReader, hub_to_internal
+
+    released: list[str] = []
+    original = CheckpointReader.release
+    monkeypatch.setattr(CheckpointReader, "release", lambda self, key: (released.append(key), original(self, key)))
+    model = load(checkpoint_factory("siglip_qwen2"), ("int8", None), dtype=torch.bfloat16)
+    quantized = set(quantized_modules(model))
+    sources = {hub_to_internal(key).rpartition(".")[0] for key in released if key.endswith(".weight")}
+    assert quantized - {"lm_head"} <= sources  # the tied head is quantized from the embedding's tensor
+    for module in quantized_modules(model).values():
+        assert not any(t.is_floating_point() and t.dim() == 2 for t in module.buffers())  # no float weight kept
+
+
+def test_cli_loader_passes_quantize_through(tmp_path):
+    from fastllava.cli import load_model_and_processor
+    from tiny_checkpoints import make_full_checkpoint
+
+    directory = make_full_checkpoint(tmp_path / "full", "llava15")
+    model, _ = load_model_and_processor(str(directory), dtype="float32", quantize="int4")
+    assert isinstance(model.lm_head, Int4Linear)
+    with pytest.raises(QuantizationError):
+        load_model_and_processor(str(directory), quantize="int5")
