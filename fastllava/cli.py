@@ -39,7 +39,7 @@ def _chat(args: argparse.Namespace) -> int:
     from fastllava.image_loading import load_image
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    model, processor = load_model_and_processor(args.model, args.dtype, args.device)
+    model, processor = load_model_and_processor(args.model, args.dtype, args.device, args.quantize)
     image_source = args.image or (str(DEMO_IMAGE) if args.model is None else None)
     try:
         image = load_image(image_source) if image_source else None
@@ -105,6 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--image", help="image path or URL (default with the demo model: its bundled image)")
     chat.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
     chat.add_argument("--device", default=None, help="cpu, cuda, cuda:N or auto")
+    chat.add_argument("--quantize", choices=["int8", "int4"], default=None,
+                      help="weight-only quantization of the text model")
     chat.add_argument("--max-new-tokens", type=int, default=256)
     chat.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     chat.add_argument("--seed", type=int, default=None)

@@ -38,6 +38,7 @@ def eval_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit", type=int, default=None, help="ask at most this many questions")
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--quantize", choices=["int8", "int4"], default=None)
     parser.add_argument("--json", dest="json_out", default=None, help="also write the full result to this file")
     parser.add_argument("--show-mistakes", type=int, default=5)
     args = parser.parse_args(argv)
@@ -47,7 +48,7 @@ def eval_main(argv: list[str] | None = None) -> int:
 
     if not args.data and not args.generate_heldout:
         parser.error("pass --data FILE or --generate-heldout N")
-    model, processor = load_model_and_processor(args.model, args.dtype)
+    model, processor = load_model_and_processor(args.model, args.dtype, quantize=args.quantize)
     with tempfile.TemporaryDirectory() as scratch:
         if args.generate_heldout:
             from fastllava.train.synthetic_data import generate_dataset
