@@ -240,6 +240,11 @@ def test_seeded_sampling_is_reproducible_whatever_the_batch(model15):
     arrivals = {0: [(f"o{i}", prompts[i + 1], others[i]) for i in range(2)],
                 3: [("x", prompts[0], seeded)] + [(f"o{i}", prompts[i + 1], others[i]) for i in range(2, 4)]}
     assert run(engine, arrivals)[0]["x"].outputs[0].token_ids == alone
+    # the same processors and the same draws as generate() with that seed
+    ids = torch.tensor([prompts[0]["prompt_token_ids"]])
+    reference = model15.generate(input_ids=ids, pixel_values=prompts[0]["pixel_values"], max_new_tokens=12,
+                                 do_sample=True, temperature=1.3, top_p=0.95, top_k=40, seed=1234, eos_token_id=None)
+    assert alone == reference[0, ids.shape[1]:].tolist()
 
 
 def test_n_samples_share_the_prompt(model15):

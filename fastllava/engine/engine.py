@@ -2,7 +2,7 @@
 
 Contract::
 
-    engine = Engine(model, processor, max_num_seqs=16, max_num_batched_tokens=512, kv_cache_bytes=2 << 30)
+    engine = Engine(model, processor, max_num_seqs=16, max_num_batched_tokens=512, kv_cache_bytes=4 << 30)
     engine.add_request("r1", conversation_or_prompt, SamplingParams(max_tokens=64))
     while engine.has_unfinished_requests():
         for out in engine.step():   # RequestOutput: cumulative text/token ids per sample, the step's deltas
@@ -64,7 +64,7 @@ def resolve_kv_dtype(kv_cache_dtype: str | torch.dtype, model_dtype: torch.dtype
                      device: torch.device | str = "cpu") -> torch.dtype:
     """"auto": the model's dtype, except fp32 for a bf16/fp16 model on a CPU without bf16 arithmetic (AVX2),
     where SDPA of one decode query over 800 cached bf16 tokens measured 7x slower than over fp32 ones
-    (1.76 ms vs 0.24 ms per layer and sequence, benchmarks/bench_engine.py --only kv-layout): the cache costs
+    (1.87 ms vs 0.26 ms per layer and sequence, benchmarks/bench_engine.py --only kv-layout): the cache costs
     twice the bytes per token there, and decode attention gets several times faster."""
     if isinstance(kv_cache_dtype, torch.dtype):
         return kv_cache_dtype
@@ -88,7 +88,7 @@ class Engine:
         tokenizer: Any = None,
         max_num_seqs: int = 16,
         max_num_batched_tokens: int = 512,
-        kv_cache_bytes: int = 2 * GiB,
+        kv_cache_bytes: int = 4 * GiB,
         kv_cache_tokens: int | None = None,
         kv_cache_dtype: str | torch.dtype = "auto",
         block_size: int = 16,
@@ -252,7 +252,8 @@ class Engine:
         stop_ids = ([] if params.ignore_eos else list(self.eos_ids)) + list(params.stop_token_ids or [])
         salt = b"" if self.prefix_cache.enabled else request_id.encode()
         request = Request(request_id, prompt, params, max_tokens, stop_ids, salt)
-        request.sequences = [Sequence(request, i, self.tokenizer, self.pool.block_size) for i in range(params.n)]
+        request.sequences = [Sequence(request, i, self.tokenizer, self.pool.block_size, self.model.device)
+                             for i in range(params.n)]
         self.requests[request_id] = request
         for seq in request.sequences:
             self.scheduler.add(seq)
@@ -293,6 +294,12 @@ class Engine:
         with torch.inference_mode():
             self._collect_prepared(wait=not self.scheduler.has_work())
             chunks = self._with_image_features(self.scheduler.schedule())
+            if not chunks and self.scheduler.waiting and not self.scheduler.running:
+                # Nothing runs and nothing can start: never spin forever; fail the oldest request instead.
+                stuck = self.scheduler.waiting[0].request
+                self._fail(stuck.request_id, RequestError(
+                    f"request {stuck.request_id!r} cannot be scheduled within kv_cache_bytes="
+                    f"{self.pool.budget_bytes}; give the engine more KV memory"))
             touched: dict[str, Request] = {}
             if chunks:
                 logits = self.runner.run(chunks)

@@ -8,12 +8,12 @@ over the budget: the scheduler then evicts cached prefixes or preempts a sequenc
 the bytes at once. Memory therefore grows with each sequence's real length, never with a worst case.
 
 Why contiguous per-sequence tensors and not a paged block pool (measured on this 2-core AVX2 CPU with
-``benchmarks/bench_engine.py --only kv-layout``; 16 KV heads x 64, the llava-interleave-0.5b text model, one
-decode query against 800 cached tokens, one layer): SDPA reading a strided view of a contiguous
-per-sequence tensor costs the same as a dense tensor (~0.23 ms fp32), while gathering the sequence's blocks out
-of a shared pool first (``index_select`` of 16-token blocks, or of slots) costs 3-5x that (0.7-1.1 ms), and
-that gather would repeat for every layer of every sequence at every step. Without a paged-attention kernel on
-CPU, paging only moves bytes. What paging buys (no fragmentation, sharing) is kept where it matters: capacity
+``benchmarks/bench_engine.py --only kv-layout``, one thread; 16 KV heads x 64 as in the llava-interleave-0.5b
+text model, one decode query, one layer): SDPA over a strided view of a contiguous per-sequence tensor takes
+0.14 ms (256 cached tokens) / 0.26 ms (800) in fp32, while first gathering the sequence's 16-token blocks out
+of a shared 16k-token pool takes 1.6 / 10.7 ms (12-41x; gathering single slots 0.18 / 0.87 ms, 1.3-3.3x); in
+bf16 the gather adds 31-43 % (0.54 -> 0.71 ms, 1.87 -> 2.67 ms). That gather would repeat for every layer of
+every sequence at every step: without a paged-attention kernel on CPU, paging only moves bytes. What paging buys (no fragmentation, sharing) is kept where it matters: capacity
 is accounted and grown in blocks (growth copies are amortised: +25 % or at least 4 blocks at a time, never past
 the sequence's own limit), and prefix sharing copies a cached prefix once at admission (or adopts a retired
 storage outright), which costs milliseconds against the seconds its prefill would take.

@@ -92,7 +92,7 @@ class Request:
 
 
 class Sequence:
-    def __init__(self, request: Request, index: int, tokenizer, block_size: int):
+    def __init__(self, request: Request, index: int, tokenizer, block_size: int, device: torch.device | str = "cpu"):
         self.request = request
         self.index = index
         self.token_ids = list(request.prompt.token_ids)
@@ -105,7 +105,8 @@ class Sequence:
         params = request.params
         self.generator = None
         if params.seed is not None:
-            self.generator = torch.Generator().manual_seed(int(params.seed) + index)  # vLLM: seed + sample index
+            # vLLM: sample i of a seeded request uses seed + i; on the model's device, as generate() does
+            self.generator = torch.Generator(device=device).manual_seed(int(params.seed) + index)
         self.detokenizer = IncrementalDetokenizer(tokenizer, params.skip_special_tokens, params.stop)
         self.logprobs: list[TokenLogprob] | None = [] if params.logprobs is not None else None
         self.finish_reason: str | None = None

@@ -1,0 +1,51 @@
+"""benchmarks/bench_engine.py runs end to end at toy size and reports what it promises (no real benchmark in CI)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+pytest.importorskip("transformers")
+
+
+def load_bench():
+    if str(BENCHMARKS) not in sys.path:
+        sys.path.insert(0, str(BENCHMARKS))
+    spec = importlib.util.spec_from_file_location("bench_script_bench_engine", BENCHMARKS / "bench_engine.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_kv_layout_measures_every_layout():
+    rows = load_bench().bench_kv_layout(lengths=(64,), repeats=2)
+    assert {(r["dtype"], r["cached_tokens"]) for r in rows} == {("float32", 64), ("bfloat16", 64)}
+    assert all(r["contiguous_ms"] > 0 and r["paged_blocks_ms"] > 0 for r in rows)
+
+
+def test_toy_run_reports_ratios_and_identical_outputs(tmp_path, monkeypatch, capsys):
+    bench = load_bench()
+    threads = torch.get_num_threads()
+    monkeypatch.setattr(sys, "argv", ["bench_engine.py", "--toy", "--out", str(tmp_path), "--threads", "1",
+                                      "--only", "throughput", "shared-images", "repeat", "--concurrency", "2",
+                                      "--new-tokens", "4"])
+    try:
+        bench.main()
+    finally:
+        torch.set_num_threads(threads)
+    records = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    by = {(r["bench"], r.get("library")): r for r in records}
+    for name in ("distinct-images", "shared-images"):
+        assert by[(name, "fastllava-engine")]["tok_s"] > 0 and by[(name, "transformers")]["tok_s"] > 0
+        ratio = by[(name, "ratio")]
+        assert ratio["identical_outputs"] == f"{ratio['requests']}/{ratio['requests']}"
+    assert by[("shared-images", "ratio")]["image_cache_hits"] >= 1
+    assert by[("repeat-image-ttft", None)]["cached_tokens"] > 0
+    assert by[("second-turn-ttft", None)]["cached_tokens"] > by[("repeat-image-ttft", None)]["cached_tokens"]
+    assert by[("memory", None)]["peak_rss_gib"] > 0
