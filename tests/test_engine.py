@@ -138,17 +138,24 @@ def test_chunked_prefill_keeps_decoding_streams_moving(model15):
     assert finals["b"].outputs[0].token_ids == expected_greedy(model15, long, 4)
 
 
-def test_preemption_under_a_tiny_kv_budget_completes_everything(model15):
-    prompts = make_prompts(model15.config.image_token_id, 6, seed=7, shared_prefix=False)
+@pytest.mark.parametrize("caching", [False, True])
+def test_preemption_under_a_tiny_kv_budget_completes_everything(model15, caching):
+    prompts = make_prompts(model15.config.image_token_id, 6, seed=7, shared_prefix=caching)
     params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
     per_token = Engine(model15, kv_cache_bytes=1 << 20).pool.bytes_per_token
     engine = Engine(model15, max_num_seqs=6, max_num_batched_tokens=32, kv_cache_bytes=128 * per_token,
-                    enable_prefix_caching=False)
-    finals, _ = run(engine, {0: [(f"r{i}", p, params) for i, p in enumerate(prompts)]})
-    assert engine.stats()["preemptions"] > 0
+                    enable_prefix_caching=caching)
+    arrivals = {0: [(f"r{i}", p, params) for i, p in enumerate(prompts[:4])],
+                6: [(f"r{i}", p, params) for i, p in enumerate(prompts[4:], 4)]}
+    finals, _ = run(engine, arrivals)
+    stats = engine.stats()
+    assert stats["preemptions"] > 0 and stats["requests_finished"] == 6
     assert engine.pool.peak_bytes <= engine.pool.budget_bytes
     for i, prompt in enumerate(prompts):
         assert finals[f"r{i}"].outputs[0].token_ids == expected_greedy(model15, prompt, 40), f"request {i}"
+    if caching:
+        assert stats["prefix_cache"]["evictions"] > 0  # finished sequences' blocks made room for new ones
+        engine.prefix_cache.clear()
     assert engine.pool.used_bytes == 0
 
 
@@ -418,3 +425,15 @@ def test_llm_chat_and_generate(ck15, model15, processor15):
     expected = model15.generate(**inputs, max_new_tokens=6)[0, inputs["input_ids"].shape[1]:].tolist()
     assert generated[0].outputs[0].token_ids == expected[: len(generated[0].outputs[0].token_ids)]
     assert len(generated[1].outputs[0].token_ids) == 3 and generated[1].num_image_tokens == 0
+
+
+def test_llm_with_weight_only_int8_matches_the_quantized_generate(ck15):
+    pytest.importorskip("fastllava.quantization")
+    llm = LLM(str(ck15), dtype="float32", quantization="int8")
+    conversation = [{"role": "user", "content": [{"type": "text", "text": "hello there"}]}]
+    out = llm.chat(conversation, SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))[0]
+    model, processor = llm.engine.model, llm.engine.processor
+    inputs = processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                           return_tensors="pt")
+    expected = model.generate(**inputs, max_new_tokens=6, eos_token_id=None)[0, inputs["input_ids"].shape[1]:]
+    assert out.outputs[0].token_ids == expected.tolist()

@@ -36,14 +36,7 @@ def load_model_and_processor(model: str, dtype: str | torch.dtype = "auto", quan
     kwargs: dict[str, Any] = {"dtype": dtype}
     if device is not None:
         kwargs["device_map"] = device
-    if quantization is not None:
-        try:
-            from fastllava.quantization import QuantizationConfig
-        except ImportError:
-            raise ValueError("quantization is not available in this installation of fastllava "
-                             "(fastllava.quantization is missing); use quantization=None") from None
-        if isinstance(quantization, str):
-            quantization = QuantizationConfig(weights=quantization)
+    if quantization is not None:  # "int8" | "int4" | a QuantizationConfig: weight-only, applied while loading
         kwargs["quantization_config"] = quantization
     loaded = LlavaForConditionalGeneration.from_pretrained(model, **kwargs)
     return loaded, AutoProcessor.from_pretrained(model)
