@@ -16,7 +16,7 @@ _EXPORTS = {
     "CompletionOutput": "fastllava.engine.types",
     "TokenLogprob": "fastllava.engine.types",
     "Engine": "fastllava.engine.engine",
-    "RequestError": "fastllava.engine.engine",
+    "RequestError": "fastllava.engine.inputs",
     "AsyncEngine": "fastllava.engine.async_engine",
     "EngineOverloadedError": "fastllava.engine.async_engine",
     "EngineError": "fastllava.engine.async_engine",

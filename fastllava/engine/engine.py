@@ -12,8 +12,9 @@ Contract::
 A prompt is a conversation (messages as ``LlavaProcessor.apply_chat_template`` takes them: image parts by
 url/path/base64/PIL and OpenAI ``image_url`` parts), a plain string, vLLM's ``{"prompt": str,
 "multi_modal_data": {"image": image | [images]}}``, or pre-tokenized ``{"prompt_token_ids": [...],
-"pixel_values": tensor}``. Images are loaded, preprocessed, hashed and tokenized in a bounded worker pool
-(``preprocess_workers`` threads), off the step loop: a request joins the schedule once its inputs are ready.
+"pixel_values": tensor}`` (inputs.py). Images are loaded, preprocessed, hashed and tokenized in a bounded
+worker pool (``preprocess_workers`` threads), off the step loop: a request joins the schedule once its inputs
+are ready.
 Errors a user can cause are that request's alone: invalid arguments raise from ``add_request``; a bad image or
 a prompt longer than the context comes back as a finished ``RequestOutput`` whose ``error`` says what is wrong,
 and the engine goes on serving the others.
@@ -33,7 +34,8 @@ from typing import Any
 
 import torch
 
-from fastllava.engine.image_cache import ImageEmbeddingCache, image_key, vision_settings
+from fastllava.engine.image_cache import ImageEmbeddingCache, vision_settings
+from fastllava.engine.inputs import RequestError, prepare_prompt
 from fastllava.engine.kv_pool import KVPool
 from fastllava.engine.model_runner import ModelRunner
 from fastllava.engine.prefix_cache import PrefixCache
@@ -43,10 +45,6 @@ from fastllava.engine.scheduler import Chunk, Scheduler
 from fastllava.engine.types import CompletionOutput, RequestOutput, SamplingParams
 
 GiB = 1 << 30
-
-
-class RequestError(ValueError):
-    """A request that cannot be served as given (bad image, prompt longer than the context...)."""
 
 
 def error_message(error: BaseException) -> str:
@@ -189,52 +187,7 @@ class Engine:
 
     # -- preparing inputs (worker threads) ---------------------------------------------------------------------
     def _prepare(self, prompt: Any) -> PreparedPrompt:
-        pixel_values = None
-        if isinstance(prompt, dict) and "prompt_token_ids" in prompt:
-            ids = prompt["prompt_token_ids"]
-            ids = ids.reshape(-1).tolist() if hasattr(ids, "tolist") else list(ids)
-            pixel_values = prompt.get("pixel_values")
-            images = (prompt.get("multi_modal_data") or {}).get("image")
-            if images is not None:
-                if self.processor is None or getattr(self.processor, "image_processor", None) is None:
-                    raise RequestError("images need a processor with an image processor")
-                pixel_values = self.processor.image_processor(
-                    images if isinstance(images, (list, tuple)) else [images], return_tensors="pt")["pixel_values"]
-        else:
-            if isinstance(prompt, dict):
-                if "prompt" not in prompt:
-                    raise RequestError("a dict prompt needs 'prompt' (text) or 'prompt_token_ids'")
-                images = (prompt.get("multi_modal_data") or {}).get("image")
-                out = self.processor(images=images, text=prompt["prompt"], return_tensors="pt")
-            elif isinstance(prompt, str):
-                out = self.processor(text=prompt, return_tensors="pt")
-            else:
-                out = self.processor.apply_chat_template(list(prompt), add_generation_prompt=True, tokenize=True,
-                                                         return_dict=True, return_tensors="pt")
-            ids = out["input_ids"][0].tolist()
-            pixel_values = out.get("pixel_values")
-        ids = [int(i) for i in ids]
-        if not ids:
-            raise RequestError("the prompt is empty")
-        image_token = self.model.config.image_token_id
-        vocab = self.model.config.text_config.vocab_size
-        bad = next((i for i in ids if not 0 <= i < vocab and i != image_token), None)
-        if bad is not None:
-            raise RequestError(f"token id {bad} is outside the model's vocabulary of {vocab}")
-        positions = [i for i, token in enumerate(ids) if token == image_token]
-        if pixel_values is None:
-            if positions:
-                raise RequestError(f"the prompt holds {len(positions)} image placeholder token(s) but no image")
-            return PreparedPrompt(ids)
-        pixel_values = torch.as_tensor(pixel_values)
-        if pixel_values.dim() == 3:
-            pixel_values = pixel_values.unsqueeze(0)
-        count = pixel_values.shape[0]
-        if not positions or len(positions) % count:
-            raise RequestError(f"{count} image(s) but {len(positions)} image placeholder tokens in the prompt; each "
-                             "image needs its full run of placeholders (use the processor to expand <image>)")
-        keys = [image_key(pixel_values[i], self.vision_settings) for i in range(count)]
-        return PreparedPrompt(ids, pixel_values, keys, positions)
+        return prepare_prompt(prompt, self.processor, self.model.config, self.vision_settings)
 
     def _start(self, request_id: str, prompt: PreparedPrompt, params: SamplingParams) -> None:
         length = len(prompt.token_ids)
