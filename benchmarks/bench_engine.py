@@ -29,8 +29,9 @@ descheduled thread (a 4-sequence decode step measured 4.7 s with 2 threads again
 Measured here (2 cores shared with other jobs, load average 4-8, fp32, ``--threads 1``, 4 requests x 32 tokens,
 2026-11-25): distinct images 1.09x transformers' tok/s (TTFT p50 0.75x, decode ITL p50 1.59 s vs 2.17 s, our
 prefill 1.3x the compute floor), all outputs identical; 4 questions about one image 2.27x tok/s and 0.29x TTFT
-(2160 of 3028 prompt tokens from the prefix cache, 3 image-cache hits); a repeated image's TTFT 1.8 s against
-32 s uncached (0.06x); a second chat turn's 1.6 s (0.05x).
+(2160 of 3028 prompt tokens from the prefix cache, 3 image-cache hits); a repeated image's TTFT 1.8-3.1 s
+against 32-69 s uncached and 55-60 s for the first question (0.03-0.06x); a second chat turn's 1.6-4.0 s
+(0.03-0.07x of the first turn's).
 """
 
 from __future__ import annotations
@@ -366,8 +367,10 @@ def main() -> None:
     report([{"bench": "memory", "peak_rss_gib": memory.get("hwm", memory["ru_maxrss"]) / 2 ** 30}])
     columns = ["bench", "library", "requests", "new_tokens", "total_s", "tok_s", "ttft_p50_s", "ttft_p95_s",
                "itl_p50_s", "itl_p95_s", "prefill_s", "prefill_floor_s", "identical_outputs"]
-    print()
-    print_table([r for r in rows if "library" in r], columns)
+    table = [r for r in rows if "library" in r]
+    if table:
+        print()
+        print_table(table, columns)
 
 
 if __name__ == "__main__":
