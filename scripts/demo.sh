@@ -4,6 +4,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
 if [ "$#" -eq 0 ]; then
-  set -- "What shapes are in this picture?"
+  set -- "What colour is the circle?"
 fi
 exec .venv/bin/fastllava chat "$@"
