@@ -56,7 +56,7 @@ def make_inputs(config: dict, batch: int, seed: int = 0) -> dict:
     input_ids = torch.cat([prefix, images, suffix], dim=1)
     pixel_values = torch.randn(batch, 3, vision["image_size"], vision["image_size"], generator=generator)
     return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids),
-            "pixel_values": pixel_values.to(torch.bfloat16)}
+            "pixel_values": pixel_values}
 
 
 def timed_generate(model, inputs: dict, new_tokens: int) -> float:
@@ -106,6 +106,8 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
+                        help="float32 on CPUs without bf16 arithmetic (AVX2 only), where bf16 GEMMs crawl")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -115,8 +117,9 @@ def main() -> None:
 
     config = llava_interleave_qwen_0_5b_config()
     directory, _ = make_random_checkpoint(Path(args.out) / "llava-interleave-qwen-0.5b-bf16", config)
-    ours = fastllava.LlavaForConditionalGeneration.from_pretrained(directory, dtype=torch.bfloat16)
-    theirs = transformers.LlavaForConditionalGeneration.from_pretrained(directory, dtype=torch.bfloat16).eval()
+    dtype = getattr(torch, args.dtype)
+    ours = fastllava.LlavaForConditionalGeneration.from_pretrained(directory, dtype=dtype)
+    theirs = transformers.LlavaForConditionalGeneration.from_pretrained(directory, dtype=dtype).eval()
     bandwidth = read_bandwidth_gbs()
     weight_bytes = text_weight_bytes(ours)
     rows = []
@@ -131,7 +134,7 @@ def main() -> None:
             decode_tps = batch * (args.new_tokens - 1) / max(full - ttft, 1e-9)
             results[name] = {"ttft_s": ttft, "decode_tok_s": decode_tps}
         for name, result in results.items():
-            record = {"bench": "generate", "library": name, "batch": batch, "new_tokens": args.new_tokens,
+            record = {"bench": "generate", "library": name, "dtype": args.dtype, "batch": batch, "new_tokens": args.new_tokens,
                       "prompt_tokens": int(inputs["input_ids"].shape[1]), **result}
             if batch == 1:
                 record["decode_gb_s"] = weight_bytes * result["decode_tok_s"] / 1e9
