@@ -247,7 +247,10 @@ def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
 
 def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
     """(N, K/2) bytes -> (N, K) uint8 values 0..15."""
-    return torch.stack([packed & 15, packed >> 4], dim=-1).reshape(packed.shape[0], -1)
+    codes = torch.empty(packed.shape[0], 2 * packed.shape[1], dtype=torch.uint8, device=packed.device)
+    torch.bitwise_and(packed, 15, out=codes[:, 0::2])
+    torch.bitwise_right_shift(packed, 4, out=codes[:, 1::2])
+    return codes
 
 
 def dequantize_int4(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -256,19 +259,62 @@ def dequantize_int4(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Ten
     return ((codes - 8) * scales.to(dtype)[..., None] + zeros.to(dtype)[..., None]).reshape(rows, -1)
 
 
+_KERNEL_ROW_BLOCK = 256  # a multiple of every row tile torch's int4 CPU packing uses (32 on AVX2, 64 on AVX-512)
+
+
 def _int4_kernel_layout(packed: torch.Tensor) -> torch.Tensor:
     """Plain nibbles -> the CPU kernel's tiled layout (which depends on the CPU's vector width), in row chunks."""
     rows, half = packed.shape
     out = []
-    for start, end in _row_chunks(rows, 2 * half, align=256):  # chunks of whole kernel tiles
+    for start, end in _row_chunks(rows, 2 * half, align=_KERNEL_ROW_BLOCK):  # chunks of whole kernel tiles
         codes = unpack_nibbles(packed[start:end]).to(torch.int32)
         out.append(torch._convert_weight_to_int4pack_for_cpu(codes, 2))
     return torch.cat(out) if len(out) > 1 else out[0]
 
 
+_PLAIN_ORDERS: dict[tuple[int, int], torch.Tensor] = {}
+
+
+def _kernel_to_plain_order(rows: int, cols: int) -> torch.Tensor:
+    """For a (rows, cols) block: the index, among the kernel layout's nibbles, of each plain position
+    (row * cols + col). Learned by packing probes whose codes are the hex digits of their own positions."""
+    key = (rows, cols)
+    if key not in _PLAIN_ORDERS:
+        positions = torch.arange(rows * cols, dtype=torch.int64)
+        source = torch.zeros(rows * cols, dtype=torch.int64)  # kernel nibble i holds plain position source[i]
+        digit = 0
+        while (1 << (4 * digit)) < rows * cols:
+            probe = ((positions >> (4 * digit)) & 15).to(torch.int32).view(rows, cols)
+            packed = torch._convert_weight_to_int4pack_for_cpu(probe, 2)
+            source |= unpack_nibbles(packed).reshape(-1).to(torch.int64) << (4 * digit)
+            digit += 1
+        order = torch.empty_like(source)
+        order[source] = positions
+        _PLAIN_ORDERS[key] = order
+    return _PLAIN_ORDERS[key]
+
+
 def _int4_plain_from_kernel(kernel_weight: torch.Tensor, rows: int, cols: int, group_size: int) -> torch.Tensor:
-    """Recover plain nibbles from the kernel's layout without knowing it: with scale 1 and zero 8 the kernel
-    computes x @ codes.T, so identity rows (fp32, exact for integers 0..15) read the codes back."""
+    """Plain nibbles back from the kernel's layout, by row blocks (the layout is learned, not assumed), checked
+    by packing the result again; should that ever differ, a slow path that needs no knowledge of the layout
+    reads the codes through the kernel itself."""
+    plain = torch.empty(rows, cols // 2, dtype=torch.uint8)
+    block = _KERNEL_ROW_BLOCK
+    for start, end in _row_chunks(rows, cols, align=block):
+        whole = start + (end - start) // block * block
+        for first, last, size in ((start, whole, block), (whole, end, end - whole)):
+            if last > first:  # (blocks, size * cols) nibbles in kernel order -> plain order, one gather
+                nibbles = unpack_nibbles(kernel_weight[first:last]).view(-1, size * cols)
+                codes = nibbles.index_select(1, _kernel_to_plain_order(size, cols))
+                plain[first:last] = pack_nibbles(codes.view(last - first, cols))
+    if torch.equal(_int4_kernel_layout(plain), kernel_weight):
+        return plain
+    return _int4_plain_through_kernel(kernel_weight, rows, cols, group_size)
+
+
+def _int4_plain_through_kernel(kernel_weight: torch.Tensor, rows: int, cols: int, group_size: int) -> torch.Tensor:
+    """With scale 1 and zero 8 the kernel computes x @ codes.T, so identity rows (fp32, exact for the integers
+    0..15) read the codes back: O(cols^2 * rows) work, the fallback only."""
     unit = torch.empty(cols // group_size, rows, 2, dtype=torch.float32)
     unit[..., 0], unit[..., 1] = 1.0, 8.0
     codes = torch.empty(rows, cols, dtype=torch.uint8)

@@ -204,13 +204,20 @@ def test_save_and_reload_gives_identical_logits_without_requantizing(checkpoint_
     assert (tmp_path / "again" / "model.safetensors").read_bytes() == (tmp_path / "model.safetensors").read_bytes()
 
 
-def test_int4_plain_codes_are_recovered_from_the_kernel_layout_exactly():
-    for rows, cols, group in ((48, 128, 32), (96, 256, 64), (16, 256, 256)):
+def test_int4_plain_codes_are_recovered_from_the_kernel_layout_exactly(monkeypatch):
+    for rows, cols, group in ((48, 128, 32), (96, 256, 64), (16, 256, 256), (800, 64, 32)):
         codes = torch.randint(0, 16, (rows, cols), dtype=torch.uint8)
         plain = q.pack_nibbles(codes)
         kernel = q._int4_kernel_layout(plain)
         assert torch.equal(kernel, torch._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 2))
-        assert torch.equal(q._int4_plain_from_kernel(kernel, rows, cols, group), plain)
+        assert torch.equal(q._int4_plain_from_kernel(kernel, rows, cols, group), plain)  # learned nibble order
+        assert torch.equal(q._int4_plain_through_kernel(kernel, rows, cols, group), plain)  # layout-free fallback
+    # Should the learned order ever be wrong, the result is checked and the fallback used.
+    rows, cols = 64, 128
+    codes = torch.randint(0, 16, (rows, cols), dtype=torch.uint8)
+    kernel = q._int4_kernel_layout(q.pack_nibbles(codes))
+    monkeypatch.setitem(q._PLAIN_ORDERS, (rows, cols), torch.arange(rows * cols))
+    assert torch.equal(q._int4_plain_from_kernel(kernel, rows, cols, 32), q.pack_nibbles(codes))
 
 
 def test_kernel_layout_conversion_in_row_chunks_equals_the_whole(monkeypatch):
@@ -436,3 +443,29 @@ def test_cli_loader_passes_quantize_through(tmp_path):
     assert isinstance(model.lm_head, Int4Linear)
     with pytest.raises(QuantizationError):
         load_model_and_processor(str(directory), quantize="int5")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The benchmark script's parts run at toy size (the real run: python benchmarks/bench_quantization.py)
+
+
+def test_benchmark_parts_run_on_a_toy_model(tmp_path, capsys):
+    import importlib.util
+    from pathlib import Path
+
+    benchmarks = Path(__file__).resolve().parent.parent / "benchmarks"
+    spec = importlib.util.spec_from_file_location("bench_quantization", benchmarks / "bench_quantization.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    config = bench.toy_llava_interleave_config()
+    directory, _ = bench.make_random_checkpoint(tmp_path / "toy", config)
+    gemv = bench.bench_gemv(config, rounds=1, budget_s=0.001, group_sizes=[32, 64], working_set=1 << 20)
+    assert {row["path"] for row in gemv if row["layer"] == "lm_head"} == {
+        "bf16", "int8 int8pack", "int4-g32 int4pack", "int4-g64 int4pack", "int8 dequant", "int4-g64 dequant"}
+    for scheme in ("bf16", "int8", "int4"):
+        result = bench.measure_decode(scheme, str(directory), new_tokens=3, prompt_tokens=4, touch=True)
+        assert result["decode_tok_s"] > 0 and len(result["tokens"]) == 3
+        assert result["peak_rss"] >= result["baseline_rss"]
+    logits = bench.bench_logits(directory, prompt_tokens=8, group_sizes=[32])
+    assert {(row["scheme"], row["reference"]) for row in logits} >= {("int8", "bf16"), ("int4-g32", "fp32")}
+    assert all(row["rel_max_error"] < 0.5 for row in logits)

@@ -1,0 +1,400 @@
+"""Weight-only quantization benchmark: per-layer GEMV kernels, decode speed, logits error and peak memory.
+
+On the llava-interleave-qwen-0.5b architecture (a bf16 random-weight checkpoint made once with transformers by
+benchmarks/common.py, reused from ``--out``):
+
+1. ``gemv``: one-row matmuls at each distinct text-model layer shape (q/k/v/o, gate/up, down, lm_head): eager bf16
+   ``F.linear`` against fastllava's Int8Linear / Int4Linear on torch's packed CPU kernels and on the
+   dequantize-then-matmul path (the CUDA path, the CPU fallback). Each call uses the next of enough weight copies
+   to fill 512 MiB of bf16, so weights stream from memory as in decode rather than sitting in the caches.
+   Interleaved rounds, median of per-round means; GB/s counts the bytes of the weight in its own format,
+   ``speedup`` is bf16 time / this time; the machine's read bandwidth (torch.sum over 1 GiB) is printed beside.
+2. ``decode``: a fresh interpreter per run (``--worker``) loads the model (bf16; int8 / int4 quantized while
+   streaming from the bf16 checkpoint; and the int8 / int4 checkpoints fastllava saved, reloaded as they are),
+   touches every weight once (so the vision tower is resident as after a prompt with an image; the bf16 image
+   prefill itself is not run: these AVX2 machines have no fast bf16 GEMM), then greedy-generates
+   ``--new-tokens`` tokens after a ``--prompt-tokens`` text prompt, batch 1. Decode tok/s = (N - 1) / (t_N - t_1)
+   from per-token timestamps. Memory: VmHWM of that process against its baseline after imports, and
+   ``rss_over_model`` = (peak - baseline) / bytes of the model as loaded. Targets (issue 7): int8 peak <= baseline
+   + 1.1 x model bytes and <= 0.9 x the bf16 run's peak; int8 decode >= 1.8x and int4 >= 2.5x bf16.
+3. ``logits``: relative max logit error (max |q - ref| / max |ref|), mean abs error relative to the mean |ref|,
+   and top-1 agreement of int8 / int4 against the bf16 model and the fp32 model, on a random text prompt.
+
+Prints a table per part and one JSON line per result.
+
+    python benchmarks/bench_quantization.py [--new-tokens 64] [--prompt-tokens 8] [--repeats 2] [--parts gemv decode logits]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import (  # noqa: E402
+    MIB,
+    emit_json,
+    llava_interleave_qwen_0_5b_config,
+    make_random_checkpoint,
+    median,
+    memory_status,
+    print_table,
+    run_json_subprocess,
+    toy_llava_interleave_config,
+)
+
+SCRIPT = str(Path(__file__).resolve())
+SCHEMES = ("bf16", "int8", "int4", "int8-saved", "int4-saved")
+RSS_OVER_MODEL_TARGET = 1.1
+RSS_VS_BF16_TARGET = 0.9
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Part 1: per-layer-shape GEMV
+
+
+def layer_shapes(config: dict) -> list[tuple[str, int, int]]:
+    text = config["text_config"]
+    hidden, inter, vocab = text["hidden_size"], text["intermediate_size"], text["vocab_size"]
+    kv = text["num_key_value_heads"] * hidden // text["num_attention_heads"]
+    shapes = [("q_proj/o_proj", hidden, hidden)]
+    if kv != hidden:
+        shapes.append(("k_proj/v_proj", kv, hidden))
+    return shapes + [("gate_proj/up_proj", inter, hidden), ("down_proj", hidden, inter), ("lm_head", vocab, hidden)]
+
+
+def read_bandwidth_gb_s(size_bytes: int = 1 << 30, repeats: int = 5) -> float:
+    import torch
+
+    buffer = torch.ones(size_bytes // 4, dtype=torch.float32)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        buffer.sum()
+        best = min(best, time.perf_counter() - start)
+    return size_bytes / best / 1e9
+
+
+def time_interleaved(candidates: dict[str, Callable[[], Any]], rounds: int, budget_s: float) -> dict[str, float]:
+    """Median over rounds of the mean seconds per call, candidates interleaved so machine noise hits all alike."""
+    for call in candidates.values():
+        call()
+    samples: dict[str, list[float]] = {name: [] for name in candidates}
+    for _ in range(rounds):
+        for name, call in candidates.items():
+            calls, start = 0, time.perf_counter()
+            while True:
+                call()
+                calls += 1
+                elapsed = time.perf_counter() - start
+                if elapsed >= budget_s:
+                    break
+            samples[name].append(elapsed / calls)
+    return {name: median(values) for name, values in samples.items()}
+
+
+class Rotating:
+    """Calls ``layer(x)`` on the next of several copies each time, so the weights stream from memory as in a
+    decode step (24 layers do not fit in the caches) instead of staying cache-resident between calls."""
+
+    def __init__(self, layers: list, x):
+        self.layers, self.x, self.index = layers, x, 0
+
+    def __call__(self):
+        self.index = (self.index + 1) % len(self.layers)
+        return self.layers[self.index](self.x)
+
+
+def bench_gemv(config: dict, rounds: int, budget_s: float, group_sizes: list[int],
+               working_set: int = 512 * MIB) -> list[dict]:
+    import torch
+    import torch.nn.functional as F
+
+    from fastllava.quantization import Int4Linear, Int8Linear, quantize_int4, quantize_int8
+
+    torch.manual_seed(0)
+    rows = []
+    for name, out_features, in_features in layer_shapes(config):
+        copies = min(256, max(1, working_set // (2 * out_features * in_features)))
+        weights = [torch.randn(out_features, in_features, dtype=torch.bfloat16) * 0.02 for _ in range(copies)]
+        x = torch.randn(1, in_features, dtype=torch.bfloat16)
+        groups = [group for group in group_sizes if in_features % group == 0]
+        layers: dict[str, list] = {"bf16": [lambda x, w=w: F.linear(x, w) for w in weights]}
+        quantize_s: dict[str, float] = {}
+
+        def build(label, make):
+            start = time.perf_counter()
+            layers[label] = [make(w) for w in weights]
+            quantize_s[label] = (time.perf_counter() - start) / copies
+
+        def int8_layer(w, kernel=True):
+            layer = Int8Linear(in_features, out_features, bias=False)
+            layer.weight, layer.scales = quantize_int8(w, torch.bfloat16)
+            if kernel:
+                layer.finish_load()
+            return layer
+
+        def int4_layer(w, group, kernel=True):
+            layer = Int4Linear(in_features, out_features, bias=False, group_size=group)
+            layer.qweight, layer.scales, layer.zeros = quantize_int4(w, group, torch.bfloat16)
+            if kernel:
+                layer.finish_load()
+            return layer
+
+        build("int8", int8_layer)
+        for group in groups:
+            build(f"int4-g{group}", lambda w, group=group: int4_layer(w, group))
+        # The dequantize-then-matmul path (CUDA, CPU fallback): one copy is enough to show it is far slower.
+        layers["int8 dequant"] = [int8_layer(weights[0], kernel=False)]
+        middle = groups[len(groups) // 2]
+        layers[f"int4-g{middle} dequant"] = [int4_layer(weights[0], middle, kernel=False)]
+        candidates = {}
+        for label, built in layers.items():
+            kernel = getattr(built[0], "kernel", None)
+            key = label if kernel is None or " " in label else f"{label} {kernel}"
+            candidates[key] = Rotating(built, x)
+        times = time_interleaved(candidates, rounds, budget_s if out_features < 100000 else 3 * budget_s)
+        weight_bytes = {"bf16": out_features * in_features * 2, "int8": out_features * in_features + out_features * 2}
+        for group in groups:
+            weight_bytes[f"int4-g{group}"] = out_features * in_features // 2 + 4 * out_features * in_features // group
+        for label, seconds in times.items():
+            scheme = label.split()[0]
+            row = {"bench": "quant_gemv", "layer": name, "shape": f"{out_features}x{in_features}", "path": label,
+                   "copies": copies if "dequant" not in label else 1, "ms": seconds * 1e3,
+                   "gb_s": weight_bytes[scheme] / seconds / 1e9, "speedup_vs_bf16": times["bf16"] / seconds}
+            if scheme in quantize_s:
+                row["quantize_s"] = quantize_s[scheme]
+            rows.append(row)
+            emit_json(row)
+        del weights, layers, candidates
+        gc.collect()
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Part 2: decode speed and peak memory, one fresh process per run
+
+
+def model_bytes(model) -> int:
+    """Bytes of every parameter and buffer as loaded (shared tensors counted once)."""
+    tensors = {id(t): t for t in list(model.parameters()) + list(model.buffers())}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def text_weight_bytes(model) -> int:
+    """Bytes read per decoded token: decoder layers, final norm and lm_head (the embedding is only gathered)."""
+    text = model.model.language_model
+    tensors = {}
+    for module in (text.layers, text.norm, model.lm_head):
+        tensors.update({id(t): t for t in list(module.parameters()) + list(module.buffers())})
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+class TokenClock:
+    """A generate() streamer that only timestamps each new token (the first put is the prompt)."""
+
+    def __init__(self):
+        self.times: list[float] = []
+        self._prompt_seen = False
+
+    def put(self, value) -> None:
+        if self._prompt_seen:
+            self.times.append(time.perf_counter())
+        self._prompt_seen = True
+
+    def end(self) -> None:
+        pass
+
+
+def measure_decode(scheme: str, checkpoint: str, new_tokens: int, prompt_tokens: int, touch: bool) -> dict:
+    """Runs inside a fresh interpreter: load, touch the weights, generate; times in s, memory in bytes."""
+    import torch
+
+    import fastllava
+
+    model_class = fastllava.LlavaForConditionalGeneration
+    gc.collect()
+    baseline = memory_status()
+    quantization = None if scheme == "bf16" or scheme.endswith("-saved") else fastllava.QuantizationConfig(scheme)
+    start = time.perf_counter()
+    model = model_class.from_pretrained(checkpoint, dtype=torch.bfloat16, quantization_config=quantization)
+    load_s = time.perf_counter() - start
+    after_load = memory_status()
+    if touch:  # every page of every weight resident once, as a prompt with an image would make them
+        with torch.inference_mode():
+            for tensor in {id(t): t for t in list(model.parameters()) + list(model.buffers())}.values():
+                tensor.view(-1)[:: max(1, 4096 // tensor.element_size())].float().sum()
+    after_touch = memory_status()
+    generator = torch.Generator().manual_seed(0)
+    vocab = min(model.config.text_config.vocab_size - 1, 150000)  # below the special and image tokens
+    input_ids = torch.randint(3, vocab, (1, prompt_tokens), generator=generator)
+    clock = TokenClock()
+    start = time.perf_counter()
+    output = model.generate(input_ids=input_ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                            do_sample=False, streamer=clock)
+    assert output.shape[1] == prompt_tokens + new_tokens, output.shape
+    end = memory_status()
+    decode_tok_s = (len(clock.times) - 1) / (clock.times[-1] - clock.times[0])
+    loaded = model_bytes(model)
+    return {
+        "bench": "quant_decode", "scheme": scheme, "load_s": load_s, "ttft_s": clock.times[0] - start,
+        "decode_tok_s": decode_tok_s, "model_bytes": loaded, "text_weight_bytes": text_weight_bytes(model),
+        "baseline_rss": baseline["rss"], "after_load_rss": after_load["rss"], "after_touch_rss": after_touch["rss"],
+        "peak_rss": end["hwm"], "end_rss_anon": end.get("rss_anon"), "end_rss_file": end.get("rss_file"),
+        "rss_over_model": (end["hwm"] - baseline["rss"]) / loaded, "tokens": output[0, prompt_tokens:].tolist(),
+    }
+
+
+def saved_checkpoint(source: Path, scheme: str) -> Path:
+    """The int8 / int4 checkpoint fastllava saves from ``source`` (made once, next to it)."""
+    target = source.parent / f"{source.name}-{scheme}"
+    if not (target / "config.json").is_file():
+        import torch
+
+        import fastllava
+
+        model = fastllava.LlavaForConditionalGeneration.from_pretrained(
+            source, dtype=torch.bfloat16, quantization_config=fastllava.QuantizationConfig(scheme))
+        model.save_pretrained(target)
+        del model
+        gc.collect()
+    return target
+
+
+def bench_decode(checkpoint: Path, schemes: list[str], repeats: int, new_tokens: int, prompt_tokens: int,
+                 touch: bool, threads: int) -> list[dict]:
+    runs: dict[str, list[dict]] = {scheme: [] for scheme in schemes}
+    directories = {scheme: checkpoint if not scheme.endswith("-saved") else saved_checkpoint(checkpoint, scheme[:4])
+                   for scheme in schemes}  # saved checkpoints are made first, outside the timed runs
+    for repeat in range(repeats):
+        order = schemes if repeat % 2 == 0 else schemes[::-1]
+        for scheme in order:
+            directory = directories[scheme]
+            args = [SCRIPT, "--worker", scheme, "--checkpoint", str(directory), "--new-tokens", str(new_tokens),
+                    "--prompt-tokens", str(prompt_tokens), "--threads", str(threads)] + ([] if touch else ["--no-touch"])
+            runs[scheme].append(run_json_subprocess(args))
+    rows = []
+    for scheme, results in runs.items():
+        row = {key: median(r[key] for r in results) for key in results[0] if isinstance(results[0][key], (int, float))
+               and not isinstance(results[0][key], bool)}
+        row.update({"bench": "quant_decode", "scheme": scheme, "runs": len(results),
+                    "decode_tok_s_all": [r["decode_tok_s"] for r in results],
+                    "same_tokens_every_run": all(r["tokens"] == results[0]["tokens"] for r in results)})
+        rows.append(row)
+    base = next((row for row in rows if row["scheme"] == "bf16"), None)
+    for row in rows:
+        if base is not None:
+            row["decode_vs_bf16"] = row["decode_tok_s"] / base["decode_tok_s"]
+            row["peak_rss_vs_bf16"] = row["peak_rss"] / base["peak_rss"]
+        row["rss_target_met"] = row["rss_over_model"] <= RSS_OVER_MODEL_TARGET and (
+            base is None or row["scheme"] == "bf16" or row["peak_rss_vs_bf16"] <= RSS_VS_BF16_TARGET)
+        emit_json(row)
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Part 3: logits error
+
+
+def bench_logits(checkpoint: Path, prompt_tokens: int, group_sizes: list[int]) -> list[dict]:
+    import torch
+
+    import fastllava
+
+    model_class = fastllava.LlavaForConditionalGeneration
+    vocab = min(model_class.config_class.from_pretrained(checkpoint).text_config.vocab_size - 1, 150000)
+    input_ids = torch.randint(3, vocab, (1, prompt_tokens), generator=torch.Generator().manual_seed(1))
+
+    def run(**kwargs) -> torch.Tensor:
+        model = model_class.from_pretrained(checkpoint, **kwargs)
+        with torch.inference_mode():
+            out = model(input_ids=input_ids).logits[0].float()
+        del model
+        gc.collect()
+        return out
+
+    references = {"fp32": run(dtype=torch.float32), "bf16": run(dtype=torch.bfloat16)}
+    candidates = {"bf16": references["bf16"]}
+    candidates["int8"] = run(dtype=torch.bfloat16, quantization_config=fastllava.QuantizationConfig("int8"))
+    for group in group_sizes:
+        candidates[f"int4-g{group}"] = run(dtype=torch.bfloat16,
+                                           quantization_config=fastllava.QuantizationConfig("int4", group_size=group))
+    rows = []
+    for reference_name, reference in references.items():
+        for name, logits in candidates.items():
+            if name == reference_name:
+                continue
+            diff = (logits - reference).abs()
+            row = {"bench": "quant_logits", "scheme": name, "reference": reference_name,
+                   "rel_max_error": (diff.max() / reference.abs().max()).item(),
+                   "rel_mean_error": (diff.mean() / reference.abs().mean()).item(),
+                   "top1_agreement": (logits.argmax(-1) == reference.argmax(-1)).float().mean().item()}
+            rows.append(row)
+            emit_json(row)
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="bench_out")
+    parser.add_argument("--parts", nargs="+", default=["gemv", "decode", "logits"], choices=["gemv", "decode", "logits"])
+    parser.add_argument("--schemes", nargs="+", default=list(SCHEMES), choices=SCHEMES)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--prompt-tokens", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds per GEMV shape")
+    parser.add_argument("--budget", type=float, default=0.25, help="seconds per GEMV candidate per round")
+    parser.add_argument("--group-sizes", type=int, nargs="+", default=[32, 64, 128])
+    parser.add_argument("--no-touch", action="store_true", help="do not touch every weight before generating")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--toy", action="store_true", help="toy-size model of the same architecture (script tests)")
+    parser.add_argument("--worker", choices=SCHEMES, help=argparse.SUPPRESS)
+    parser.add_argument("--checkpoint", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.worker:
+        emit_json(measure_decode(args.worker, args.checkpoint, args.new_tokens, args.prompt_tokens, not args.no_touch))
+        return
+
+    config = toy_llava_interleave_config() if args.toy else llava_interleave_qwen_0_5b_config()
+    name = "llava-interleave-toy-random" if args.toy else "llava-interleave-qwen-0.5b-random"
+    checkpoint, _ = make_random_checkpoint(Path(args.out) / name, config)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU capability "
+          f"{torch.backends.cpu.get_cpu_capability()}", flush=True)
+    if "gemv" in args.parts:
+        rows = bench_gemv(config, args.rounds, args.budget, args.group_sizes)
+        print()
+        print_table(rows, ["layer", "shape", "path", "copies", "ms", "gb_s", "speedup_vs_bf16", "quantize_s"])
+        bandwidth = read_bandwidth_gb_s()
+        emit_json({"bench": "read_bandwidth", "gb_s": bandwidth, "threads": torch.get_num_threads()})
+        print(f"read bandwidth (torch.sum over 1 GiB, best of 5): {bandwidth:.1f} GB/s")
+        print(flush=True)
+    if "decode" in args.parts:
+        rows = bench_decode(checkpoint, args.schemes, args.repeats, args.new_tokens, args.prompt_tokens,
+                            not args.no_touch, torch.get_num_threads())
+        for row in rows:
+            for key in ("model_bytes", "baseline_rss", "peak_rss"):
+                row[key.replace("bytes", "mib").replace("rss", "rss_mib")] = row[key] / MIB
+        print()
+        print_table(rows, ["scheme", "load_s", "ttft_s", "decode_tok_s", "decode_vs_bf16", "model_mib",
+                           "baseline_rss_mib", "peak_rss_mib", "rss_over_model", "peak_rss_vs_bf16", "rss_target_met"])
+        print(flush=True)
+    if "logits" in args.parts:
+        rows = bench_logits(checkpoint, max(args.prompt_tokens, 16), args.group_sizes)
+        print()
+        print_table(rows, ["scheme", "reference", "rel_max_error", "rel_mean_error", "top1_agreement"])
+
+
+if __name__ == "__main__":
+    main()
