@@ -3,7 +3,7 @@
 A bf16 random-weight checkpoint of the real architecture (made by transformers, cached under bench_out/),
 one 384x384 image per sequence (729 image tokens) in the interleave chat prompt, greedy decoding of exactly
 ``--new-tokens`` tokens (EOS suppressed by min_new_tokens so both libraries do the same work), batch 1 and 8.
-Reports per library: time to first token (a 1-token generate), decode tokens/s ((t_N - t_1) / (N - 1)), the
+Reports per library: time to first token and decode tokens/s, both from per-token timestamps of one generate() (a streamer), the
 ratios ours/theirs, the decode bandwidth achieved (text-model + lm_head weight bytes x tok/s) against this
 machine's read bandwidth measured in the same run, and a multi-turn check: the second turn's time to first
 token with the conversation's KV cache reused, against the first turn's. One JSON line per result.
@@ -59,13 +59,35 @@ def make_inputs(config: dict, batch: int, seed: int = 0) -> dict:
             "pixel_values": pixel_values}
 
 
-def timed_generate(model, inputs: dict, new_tokens: int) -> float:
+class TokenClock:
+    """A streamer (transformers' put/end protocol, which fastllava follows too) that timestamps each new token
+    batch, so one generate() call yields both TTFT and the decode rate, free of prefill-time noise."""
+
+    def __init__(self):
+        self.times: list[float] = []
+        self._prompt_seen = False
+
+    def put(self, value) -> None:
+        if not self._prompt_seen:  # the first put is the prompt
+            self._prompt_seen = True
+            return
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+
+def timed_generate(model, inputs: dict, new_tokens: int) -> tuple[float, float]:
+    """(time to first token, decode tokens/s per sequence) of one greedy generate()."""
+    clock = TokenClock()
     start = time.perf_counter()
     with torch.inference_mode():
-        out = model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
-    elapsed = time.perf_counter() - start
+        out = model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                             streamer=clock)
     assert out.shape[1] == inputs["input_ids"].shape[1] + new_tokens, out.shape
-    return elapsed
+    ttft = clock.times[0] - start
+    decode = (len(clock.times) - 1) / max(clock.times[-1] - clock.times[0], 1e-9)
+    return ttft, decode
 
 
 def text_weight_bytes(model) -> int:
@@ -105,6 +127,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
                         help="float32 on CPUs without bf16 arithmetic (AVX2 only), where bf16 GEMMs crawl")
@@ -126,12 +149,13 @@ def main() -> None:
     for batch in args.batches:
         inputs = make_inputs(config, batch)
         results = {}
+        if args.warmup:
+            for name, model in (("fastllava", ours), ("transformers", theirs)):
+                timed_generate(model, inputs, 2)  # warm-up: allocator, kernels
         for name, model in (("fastllava", ours), ("transformers", theirs)):
-            timed_generate(model, inputs, 2)  # warm-up: allocator, kernels
-        for name, model in (("fastllava", ours), ("transformers", theirs)):
-            ttft = median(timed_generate(model, inputs, 1) for _ in range(args.repeats))
-            full = median(timed_generate(model, inputs, args.new_tokens) for _ in range(args.repeats))
-            decode_tps = batch * (args.new_tokens - 1) / max(full - ttft, 1e-9)
+            runs = [timed_generate(model, inputs, args.new_tokens) for _ in range(args.repeats)]
+            ttft = median(r[0] for r in runs)
+            decode_tps = batch * median(r[1] for r in runs)
             results[name] = {"ttft_s": ttft, "decode_tok_s": decode_tps}
         for name, result in results.items():
             record = {"bench": "generate", "library": name, "dtype": args.dtype, "batch": batch, "new_tokens": args.new_tokens,
