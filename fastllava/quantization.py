@@ -213,17 +213,20 @@ def quantize_int8(weight: torch.Tensor, scale_dtype: torch.dtype) -> tuple[torch
     return codes, scales
 
 
-def quantize_int4(weight: torch.Tensor, group_size: int,
-                  scale_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(N, K) float -> packed codes uint8 (N, K/2), scales and zeros (N, K/group): w ~= (q - 8) * s + z."""
+def quantize_int4(weight: torch.Tensor, group_size: int, scale_dtype: torch.dtype,
+                  kernel_rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(N, K) float -> packed codes uint8 (N, K/2), scales and zeros (N, K/group): w ~= (q - 8) * s + z.
+
+    With ``kernel_rows`` (N rounded up to the kernel's tile of 16), the codes come out in torch's CPU kernel
+    layout for that many rows (zero rows past N), converted chunk by chunk: no plain copy of the layer is made."""
     rows, cols = weight.shape
     if cols % group_size or cols % 2:
         raise QuantizationError(f"int4 needs the input width ({cols}) to be a multiple of group_size ({group_size})")
     groups = cols // group_size
-    packed = torch.empty(rows, cols // 2, dtype=torch.uint8, device=weight.device)
+    packed = None if kernel_rows else torch.empty(rows, cols // 2, dtype=torch.uint8, device=weight.device)
     scales = torch.empty(rows, groups, dtype=scale_dtype, device=weight.device)
     zeros = torch.empty(rows, groups, dtype=scale_dtype, device=weight.device)
-    for start, end in _row_chunks(rows, cols):
+    for start, end in _row_chunks(rows, cols, align=_KERNEL_ROW_BLOCK):
         chunk = weight[start:end].reshape(end - start, groups, group_size)  # (n, G, g)
         low, high = (t.float() for t in torch.aminmax(chunk, dim=-1))
         scale = _positive_scales((high - low) / 15.0, scale_dtype)
@@ -233,7 +236,10 @@ def quantize_int4(weight: torch.Tensor, group_size: int,
         inverse = scale.float().reciprocal()
         work = chunk.to(torch.float32, copy=True).mul_(inverse[..., None]).add_((8.0 - zero.float() * inverse)[..., None])
         q = work.round_().clamp_(0, 15).to(torch.uint8).reshape(end - start, cols)
-        packed[start:end] = pack_nibbles(q)
+        if kernel_rows:
+            packed = _write_kernel_tiles(packed, q, start, end == rows, kernel_rows)
+        else:
+            packed[start:end] = pack_nibbles(q)
     return packed, scales, zeros
 
 
@@ -262,14 +268,27 @@ def dequantize_int4(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Ten
 _KERNEL_ROW_BLOCK = 256  # a multiple of every row tile torch's int4 CPU packing uses (32 on AVX2, 64 on AVX-512)
 
 
-def _int4_kernel_layout(packed: torch.Tensor) -> torch.Tensor:
-    """Plain nibbles -> the CPU kernel's tiled layout (which depends on the CPU's vector width), in row chunks."""
+def _write_kernel_tiles(out: torch.Tensor | None, codes: torch.Tensor, start: int, last: bool,
+                        kernel_rows: int) -> torch.Tensor:
+    """Convert a (n, K) block of codes (rows from ``start``, a multiple of the kernel tile) into ``out``, the
+    (kernel_rows, ...) kernel-layout tensor (allocated on the first block); the last block gets the zero rows."""
+    if last and start + codes.shape[0] < kernel_rows:
+        codes = torch.cat([codes, codes.new_full((kernel_rows - start - codes.shape[0], codes.shape[1]), 8)])
+    tiles = torch._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 2)
+    if out is None:
+        out = tiles.new_empty((kernel_rows, *tiles.shape[1:]))
+    out[start:start + tiles.shape[0]] = tiles
+    return out
+
+
+def _int4_kernel_layout(packed: torch.Tensor, kernel_rows: int | None = None) -> torch.Tensor:
+    """Plain nibbles (N, K/2) -> the CPU kernel's tiled layout for ``kernel_rows`` >= N rows (default N; zero
+    rows past N), which depends on the CPU's vector width; converted in row chunks of whole kernel tiles."""
     rows, half = packed.shape
-    out = []
-    for start, end in _row_chunks(rows, 2 * half, align=_KERNEL_ROW_BLOCK):  # chunks of whole kernel tiles
-        codes = unpack_nibbles(packed[start:end]).to(torch.int32)
-        out.append(torch._convert_weight_to_int4pack_for_cpu(codes, 2))
-    return torch.cat(out) if len(out) > 1 else out[0]
+    out = None
+    for start, end in _row_chunks(rows, 2 * half, align=_KERNEL_ROW_BLOCK):
+        out = _write_kernel_tiles(out, unpack_nibbles(packed[start:end]), start, end == rows, kernel_rows or rows)
+    return out
 
 
 _PLAIN_ORDERS: dict[tuple[int, int], torch.Tensor] = {}
@@ -385,9 +404,10 @@ class Int4Linear(QuantizedModule):
     """Weight-only int4 linear layer: group-wise asymmetric codes.
 
     The state (and the saved format) is plain: ``qweight`` (N, K/2) nibbles, ``scales``/``zeros`` (N, K/group).
-    On CPU, when torch's kernel takes the shape, ``finish_load`` converts it into the kernel's tiled layout
-    (``kernel_weight``, ``kernel_scales_zeros`` (K/group, N, 2)) and drops the plain copy; ``state_dict``
-    converts back, so what is saved never depends on the CPU it was loaded on.
+    On CPU ``finish_load`` converts it into the kernel's tiled layout (``kernel_weight``, ``kernel_scales_zeros``
+    (K/group, N', 2), N' = N rounded up to the kernel's tile of 16 with zero rows that are sliced off the output)
+    and drops the plain copy; ``state_dict`` converts back, so what is saved never depends on the CPU it was
+    loaded on.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool, group_size: int, device: Any = None):
@@ -401,15 +421,25 @@ class Int4Linear(QuantizedModule):
         self.register_buffer("zeros", torch.empty(out_features, groups, device=device))
         self.register_buffer("bias", torch.empty(out_features, device=device) if bias else None)
 
-    def kernel_supported(self) -> bool:
-        return (self.qweight is not None and self.qweight.device.type == "cpu" and self.out_features % 16 == 0
-                and self.group_size in INT4_GROUP_SIZES)
+    def kernel_supported(self, device: torch.device | str) -> bool:
+        return torch.device(device).type == "cpu" and self.group_size in INT4_GROUP_SIZES
+
+    @property
+    def kernel_rows(self) -> int:
+        """Rows of the kernel layout: the kernel takes whole tiles of 16 outputs (zero rows, sliced off after)."""
+        return -(-self.out_features // 16) * 16
 
     def finish_load(self) -> None:
-        if self.kernel == "int4pack" or not self.kernel_supported():
+        if self.kernel == "int4pack" or not self.kernel_supported(self.qweight.device):
             return
-        scales_zeros = torch.stack([self.scales, self.zeros], dim=-1).transpose(0, 1).contiguous()  # (G, N, 2)
-        kernel_weight = _int4_kernel_layout(self.qweight)
+        self.set_kernel_tensors(_int4_kernel_layout(self.qweight, self.kernel_rows), self.scales, self.zeros)
+
+    def set_kernel_tensors(self, kernel_weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> None:
+        """Run on torch's CPU kernel: codes already in its layout, scales and zeros (N, K/group) as saved."""
+        pad = kernel_weight.shape[0] - self.out_features
+        if pad:
+            scales, zeros = (torch.cat([t, t.new_zeros(pad, t.shape[1])]) for t in (scales, zeros))
+        scales_zeros = torch.stack([scales, zeros], dim=-1).transpose(0, 1).contiguous()  # (G, N + pad, 2)
         self.qweight = self.scales = self.zeros = None  # registered buffers set to None: not in state_dict
         self.register_buffer("kernel_weight", kernel_weight, persistent=False)
         self.register_buffer("kernel_scales_zeros", scales_zeros, persistent=False)
@@ -419,9 +449,11 @@ class Int4Linear(QuantizedModule):
         """(qweight, scales, zeros) in the saved format, whatever layout the module runs on."""
         if self.kernel != "int4pack":
             return self.qweight, self.scales, self.zeros
-        qweight = _int4_plain_from_kernel(self.kernel_weight, self.out_features, self.in_features, self.group_size)
+        rows = self.kernel_weight.shape[0]  # out_features rounded up to the kernel's 16
+        qweight = _int4_plain_from_kernel(self.kernel_weight, rows, self.in_features, self.group_size)
         scales, zeros = self.kernel_scales_zeros.transpose(0, 1).unbind(-1)
-        return qweight, scales.contiguous(), zeros.contiguous()
+        n = self.out_features
+        return qweight[:n].contiguous(), scales[:n].contiguous(), zeros[:n].contiguous()
 
     def to_plain(self) -> None:
         """Leave the kernel layout (e.g. to use the dequantize path)."""
@@ -456,6 +488,8 @@ class Int4Linear(QuantizedModule):
             if scales_zeros.dtype != x.dtype:
                 scales_zeros = scales_zeros.to(x.dtype)
             out = torch._weight_int4pack_mm_for_cpu(x.contiguous(), self.kernel_weight, self.group_size, scales_zeros)
+            if out.shape[-1] != self.out_features:
+                out = out[:, :self.out_features]
         else:
             out = F.linear(x, dequantize_int4(self.qweight, self.scales, self.zeros, x.dtype))
         if self.bias is not None:
@@ -615,6 +649,7 @@ class WeightQuantizer:
         self.qconfig, self.targets, self.prequantized = qconfig, targets, prequantized
         self.modules: dict[str, QuantizedModule] = {}
         self._sources: dict[str, list[str]] = {}  # tensor name -> the modules filled from it
+        self._pending: dict[str, dict[str, torch.Tensor]] = {}  # saved int4 layers still missing a part
 
     @classmethod
     def for_load(cls, model: nn.Module, reader: Any, quantization_config: Any) -> "WeightQuantizer | None":
@@ -683,16 +718,17 @@ class WeightQuantizer:
     def load(self, name: str, tensor: torch.Tensor, dtype: torch.dtype, device: torch.device) -> None:
         """Fill the modules built from one checkpoint tensor (a tied embedding feeds lm_head as well)."""
         if self.prequantized:
-            module_name, _, attr = name.rpartition(".")
-            value = tensor.to(dtype) if tensor.is_floating_point() else tensor
-            setattr(self.modules[module_name], attr, value.to(device, copy=True))
+            self._load_int4_part(name, tensor, dtype, device)
             return
         int8: tuple[torch.Tensor, torch.Tensor] | None = None
         for module_name in self._sources[name]:
             module = self.modules[module_name]
             if isinstance(module, Int4Linear):
-                qweight, scales, zeros = quantize_int4(tensor, module.group_size, dtype)
-                module.qweight, module.scales, module.zeros = qweight.to(device), scales.to(device), zeros.to(device)
+                if module.kernel_supported(device):  # straight into the kernel layout, chunk by chunk
+                    module.set_kernel_tensors(*quantize_int4(tensor, module.group_size, dtype, module.kernel_rows))
+                else:
+                    qweight, scales, zeros = quantize_int4(tensor, module.group_size, dtype)
+                    module.qweight, module.scales, module.zeros = (t.to(device) for t in (qweight, scales, zeros))
                 continue
             if int8 is None:
                 int8 = quantize_int8(tensor, dtype)
@@ -700,16 +736,45 @@ class WeightQuantizer:
             # A tied head shares the codes (tie_weights) but not the scales: safetensors refuses shared storage.
             module.scales = int8[1].to(device, copy=module_name == "lm_head")
 
+    def _load_int4_part(self, name: str, tensor: torch.Tensor, dtype: torch.dtype, device: torch.device) -> None:
+        """qweight / scales / zeros of a saved int4 layer; the codes go into the kernel layout as they are read
+        from the file map (no plain copy), the layer switches over once all three are in."""
+        module_name, _, attr = name.rpartition(".")
+        module = self.modules[module_name]
+        parts = self._pending.setdefault(module_name, {})
+        if attr == "qweight" and module.kernel_supported(device):
+            parts["kernel_weight"] = _int4_kernel_layout(tensor, module.kernel_rows)
+        else:
+            parts[attr] = (tensor.to(dtype) if tensor.is_floating_point() else tensor).to(device, copy=True)
+        if len(parts) == 3:
+            del self._pending[module_name]
+            if "kernel_weight" in parts:
+                module.set_kernel_tensors(parts["kernel_weight"], parts["scales"], parts["zeros"])
+            else:
+                module.qweight, module.scales, module.zeros = parts["qweight"], parts["scales"], parts["zeros"]
+
     def finish(self, model: nn.Module) -> None:
         """After tie_weights: drop what the tie put on an int4 head, check nothing is left on meta, pick kernels."""
         for name, module in self.modules.items():
             if isinstance(module, Int4Linear):
                 module.__dict__.pop("weight", None)  # tie_weights aimed the head at the embedding's int8 codes
-            for key, tensor in module.state_dict(keep_vars=True).items():
-                if tensor.is_meta:
+            for key, tensor in module._buffers.items():
+                if tensor is not None and tensor.is_meta:
                     raise QuantizationError(f"{name}.{key} was not loaded: the checkpoint lacks it")
             module.finish_load()
         model.config.quantization_config = self.qconfig.to_dict()
+        _return_free_memory()
+
+
+def _return_free_memory() -> None:
+    """Hand the allocator's free pages back to the OS (glibc keeps freed blocks between live ones resident):
+    quantizing leaves many freed temporaries behind the long-lived codes. A no-op where there is no glibc."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _foreign(saved: Any) -> bool:

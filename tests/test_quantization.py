@@ -220,6 +220,17 @@ def test_int4_plain_codes_are_recovered_from_the_kernel_layout_exactly(monkeypat
     assert torch.equal(q._int4_plain_from_kernel(kernel, rows, cols, 32), q.pack_nibbles(codes))
 
 
+def test_int4_quantized_straight_into_the_kernel_layout_equals_converting_plain_codes(monkeypatch):
+    monkeypatch.setattr(q, "_CHUNK_ELEMENTS", 256 * 64)  # several chunks and a short last one, plus padding
+    weight = torch.randn(600, 64)
+    plain, scales, zeros = q.quantize_int4(weight, 32, torch.bfloat16)
+    kernel, scales_k, zeros_k = q.quantize_int4(weight, 32, torch.bfloat16, kernel_rows=608)
+    assert torch.equal(kernel, q._int4_kernel_layout(plain, 608))
+    assert torch.equal(scales, scales_k) and torch.equal(zeros, zeros_k)
+    padded = torch.cat([q.unpack_nibbles(plain), torch.full((8, 64), 8, dtype=torch.uint8)]).to(torch.int32)
+    assert torch.equal(kernel, torch._convert_weight_to_int4pack_for_cpu(padded, 2))
+
+
 def test_kernel_layout_conversion_in_row_chunks_equals_the_whole(monkeypatch):
     codes = torch.randint(0, 16, (800, 64), dtype=torch.uint8)
     whole = torch._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 2)
@@ -366,16 +377,21 @@ def test_foreign_or_inconsistent_quantized_checkpoints_are_errors(checkpoint_fac
 # Fallbacks
 
 
-def test_int4_layer_the_cpu_kernel_refuses_falls_back_to_dequantize(odd_vocab_checkpoint, tmp_path):
+def test_int4_output_width_the_cpu_kernel_refuses_is_padded_to_its_tile(odd_vocab_checkpoint, tmp_path):
     model = load(odd_vocab_checkpoint, ("int4", 32))
-    assert model.lm_head.out_features == 120 and model.lm_head.kernel == "dequant"
-    assert model.model.language_model.layers[0].mlp.up_proj.kernel == "int4pack"
+    head = model.lm_head
+    assert head.out_features == 120 and head.kernel == "int4pack" and head.kernel_weight.shape[0] == 128
     got, valid = logits(model)
+    assert got.shape[-1] == 120
     want, _ = logits(_fake_quantized_float_model(odd_vocab_checkpoint, model))
     assert relative_error(got, want, valid) <= 1e-5
+    set_kernel(model, "dequant")
+    assert head.qweight.shape == (120, 32) and relative_error(logits(model)[0], want, valid) <= 1e-5
+    set_kernel(model, "auto")
     model.save_pretrained(tmp_path)
-    again, _ = logits(LM.from_pretrained(tmp_path))
-    assert torch.equal(got, again)
+    again = LM.from_pretrained(tmp_path)
+    assert again.lm_head.kernel == "int4pack"
+    assert torch.equal(got, logits(again)[0])
 
 
 def test_group_size_that_does_not_divide_a_layer_keeps_it_in_full_precision(checkpoint_factory):
