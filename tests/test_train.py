@@ -312,3 +312,25 @@ def test_scene_patch_labels():
     assert labels[0, 0, 0] == 2 and labels[1, 0, 0] == 3  # square (1 + index 1), blue (1 + index 2)
     assert labels[0, 3, 3] == 0 and labels[1, 3, 3] == 0
     assert labels[2].sum() == 1 and labels[2, 1, 1] == 1  # the centre (8, 8) lies in patch row 1, column 1
+
+
+# --- the bundled demo model ---------------------------------------------------------------------------------------
+
+DEMO_MODEL = Path(__file__).resolve().parents[1] / "fastllava" / "demo" / "model"
+
+
+@pytest.mark.skipif(not (DEMO_MODEL / "model.safetensors").is_file(), reason="demo model not built yet")
+def test_bundled_demo_model_answers_about_its_picture():
+    from fastllava.models.llava import LlavaForConditionalGeneration
+    from fastllava.processing import AutoProcessor
+    from fastllava.train.demo import make_answer_fn
+
+    size = sum(p.stat().st_size for p in DEMO_MODEL.iterdir() if p.is_file())
+    assert size <= 20 * 1024 * 1024
+    model = LlavaForConditionalGeneration.from_pretrained(DEMO_MODEL)
+    answer = make_answer_fn(model, AutoProcessor.from_pretrained(DEMO_MODEL))
+    image = Image.open(DEMO_MODEL.parent / "image.png").convert("RGB")  # a red circle, a blue square, a green triangle
+    assert answer(image, "What colour is the circle?") == "red"
+    assert answer(image, "What shape is blue?") == "square"
+    assert answer(image, "How many shapes are there?") == "3"
+    assert answer(image, "Is there a green triangle?") == "yes"

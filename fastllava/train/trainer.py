@@ -118,7 +118,8 @@ class TrainingArguments:
     save_total_limit: int | None = None
     save_final: bool = True
     seed: int = 0
-    progress: bool = True
+    progress: bool = True                 # the tqdm bar
+    log_to_stderr: bool = True            # one JSON line per logging/eval step
 
     def __post_init__(self) -> None:
         if self.stage not in STAGES:
@@ -407,9 +408,11 @@ class Trainer:
     def _log(self, entry: dict[str, Any], bar: Any) -> None:
         self.log_history.append(entry)
         line = json.dumps(entry)
+        if not self.args.log_to_stderr:
+            return
         if bar is not None and self.args.progress:
-            bar.write(line)
-        elif self.args.progress:
+            bar.write(line, file=sys.stderr)
+        else:
             print(line, file=sys.stderr, flush=True)
 
     # -- evaluation -----------------------------------------------------------------------------------------------
