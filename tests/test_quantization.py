@@ -153,6 +153,13 @@ def test_greedy_generate_works_and_the_dequantize_path_gives_the_same_tokens(che
                                       do_sample=False), packed)
 
 
+def test_quantized_layers_run_in_the_compiled_decode_step(checkpoint_factory):
+    model = load(checkpoint_factory("clip_llama"), ("int4", 32))
+    ids, mask, pixels = sample_inputs(batch=2, pad=(0, 3))
+    kwargs = dict(input_ids=ids, attention_mask=mask, pixel_values=pixels, max_new_tokens=6, eos_token_id=None)
+    assert torch.equal(model.generate(**kwargs, compile=True), model.generate(**kwargs, compile=False))
+
+
 def test_bf16_greedy_generate_with_images(checkpoint_factory):
     model = load(checkpoint_factory("siglip_qwen2"), ("int4", 64), dtype=torch.bfloat16)
     ids, mask, pixels = sample_inputs(batch=1, pad=(0,))

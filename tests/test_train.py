@@ -329,8 +329,6 @@ def test_bundled_demo_model_answers_about_its_picture():
     assert size <= 20 * 1024 * 1024
     model = LlavaForConditionalGeneration.from_pretrained(DEMO_MODEL)
     answer = make_answer_fn(model, AutoProcessor.from_pretrained(DEMO_MODEL))
-    image = Image.open(DEMO_MODEL.parent / "image.png").convert("RGB")  # a red circle, a blue square, a green triangle
-    assert answer(image, "What colour is the circle?") == "red"
-    assert answer(image, "What shape is blue?") == "square"
-    assert answer(image, "How many shapes are there?") == "3"
-    assert answer(image, "Is there a green triangle?") == "yes"
+    image = Image.open(DEMO_MODEL.parent / "image.png").convert("RGB")  # one blue circle on a grey ground
+    assert answer(image, "What colour is the circle?") == "blue"  # the README's main command asks this
+    assert answer(image, "How many shapes are there?") == "1"

@@ -517,7 +517,8 @@ def build_demo(output_dir: str | os.PathLike, *, recipe: DemoRecipe | None = Non
     history["vision"] = pretrain_vision_tower(model, processor.image_processor, recipe, seed * 10 + 9,
                                               recipe.vision_steps, workers=workers, progress=progress)
     history["vision"].update(steps=recipe.vision_steps, learning_rate=recipe.vision_lr,
-                             examples=recipe.vision_steps * recipe.vision_batch_size)
+                             examples=recipe.vision_steps * recipe.vision_batch_size,
+                             trainable=sum(p.numel() for p in model.model.vision_tower.parameters()))
     timings["stage_vision"] = time.perf_counter() - t0
     log(f"stage vision: {recipe.vision_steps} steps in {timings['stage_vision']:.0f}s, "
         f"{json.dumps(history['vision']['metrics'])}")
@@ -698,6 +699,7 @@ conversations, loss on the assistant's answer tokens and their `</s>` only, floa
 
 | stage | what learns | steps | examples | peak lr | trainable | final loss |
 |---|---|---|---|---|---|---|
+| vision | vision tower + patch read-outs (not LLaVA: replaces CLIP pretraining) | {vision['steps']} | {vision['examples']} pictures | {vision['learning_rate']:g} | {vision.get('trainable', 0) / 1e6:.2f}M | {vision_metrics.get('loss', float('nan')):.3f} |
 {stage_row('full', 'everything, from scratch (not LLaVA: replaces Llama pretraining)')}
 {stage_row('pretrain', 'projector only (LLaVA stage 1, feature alignment on "describe" captions)')}
 {stage_row('finetune', 'projector + text model, vision frozen (LLaVA stage 2, visual instruction tuning)')}
