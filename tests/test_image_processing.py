@@ -317,3 +317,101 @@ def test_resample_batched_and_reduced_precision():
         np.testing.assert_array_equal(pil_resample.resize(torch.from_numpy(images), (41, 33), 3).numpy(), expected)
     finally:
         torch.set_float32_matmul_precision(previous)
+
+
+# --- the CPU fast path: only the kept window is resized, images in threads -------------------------------------
+
+
+def _window_cases(rng):
+    from fastllava.image_processing import _output_size
+
+    cases = [((451, 300), (336, 224)), ((600, 400), (336, 224)), ((1000, 872), (256, 224)), ((300, 451), (224, 336)),
+             ((1, 40), (1, 30)), ((40, 1), (30, 1)), ((1, 1), (7, 3)), ((97, 13), (61, 9)), ((64, 32), (60, 30))]
+    for _ in range(150):
+        in_w, in_h = (int(v) for v in rng.integers(1, 300, 2))
+        if rng.random() < 0.5:
+            h, w = _output_size(in_h, in_w, {"shortest_edge": int(rng.integers(1, 240))})
+        else:
+            w, h = (int(v) for v in rng.integers(1, 300, 2))
+        cases.append(((in_w, in_h), (w, h)))
+    return cases
+
+
+def test_crop_window_resize_equals_resize_then_crop():
+    from fastllava.image_processing import _crop_window, _resize_window
+
+    rng = np.random.default_rng(0)
+    boxed = 0
+    for (in_w, in_h), (w, h) in _window_cases(rng):
+        image = Image.fromarray(rng.integers(0, 256, (in_h, in_w, 3), dtype=np.uint8))
+        for resample in (3, int(rng.integers(0, 6))):
+            crop_h, crop_w = (int(v) for v in rng.integers(1, 260, 2))
+            (sy, ny, _), (sx, nx, _) = _crop_window(h, crop_h), _crop_window(w, crop_w)
+            expected = np.asarray(image.resize((w, h), resample))[sy : sy + ny, sx : sx + nx]
+            got = _resize_window(image, (h, w), resample, (sy, ny), (sx, nx))
+            np.testing.assert_array_equal(got, expected, err_msg=f"{(in_w, in_h)} -> {(w, h)} filter {resample}")
+            boxed += any(pil_resample.pillow_box(n, o, resample, s, c) is not None
+                         for n, o, s, c in ((in_w, w, sx, nx), (in_h, h, sy, ny)) if c < o and n != o)
+    assert boxed > 20  # the windowed resize was really exercised
+    # CLIP's crop of a 3:2 photo resizes 252 of the 336 columns (multiples of 21: 451/336 has odd denominator 21)
+    assert pil_resample.pillow_box(451, 336, 3, 56, 224) == (56.375, 394.625, 42, 252)
+
+
+def test_pass_order_follows_pillow():
+    """The order of Pillow's two passes decides where the uint8 rounding happens; both the windowed resize and the
+    banded matmul path depend on predicting it."""
+    rng = np.random.default_rng(1)
+    for (in_w, in_h), (w, h) in _window_cases(rng)[:80] + [((400, 400), (300, 100)), ((1000, 4000), (384, 384))]:
+        if w == in_w or h == in_h:
+            continue  # a single pass
+        image = Image.fromarray(rng.integers(0, 256, (in_h, in_w, 3), dtype=np.uint8))
+        full = np.asarray(image.resize((w, h), 3))
+        first = image.resize((in_w, h), 3) if pil_resample._vertical_first(in_h, in_w, h, w) else \
+            image.resize((w, in_h), 3)
+        np.testing.assert_array_equal(np.asarray(first.resize((w, h), 3)), full)
+        got = pil_resample.resize(torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1), (h, w), 3)
+        np.testing.assert_array_equal(got.numpy(), full.transpose(2, 0, 1))
+
+
+@pytest.mark.parametrize("config_name, config", [("clip", CLIP), ("siglip", SIGLIP)])
+def test_odd_sizes_equal_transformers(config_name, config):
+    rng = np.random.default_rng(2)
+    sizes = [(1, 40), (40, 1), (2, 3), (451, 300), (300, 451), (225, 224), (224, 225), (333, 17), (640, 427)]
+    batch = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for w, h in sizes]
+    for do_pad in (False, True):
+        for crop in ({}, {"do_center_crop": False}) if config_name == "clip" else ({},):
+            reference = oracle(**config, **crop, do_pad=do_pad)(batch, return_tensors=None)["pixel_values"]
+            out = ours("torch-cpu", **config, **crop, do_pad=do_pad)(batch, return_tensors=None)["pixel_values"]
+            for got, expected in zip(out, reference):
+                assert_close(got.numpy(), np.asarray(expected, dtype=np.float64))
+
+
+def _with_threads(count: int, function):
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        return function()
+    finally:
+        torch.set_num_threads(previous)
+
+
+@pytest.mark.parametrize("options", [{}, {"do_pad": True}, {"do_center_crop": False, "return_tensors": None},
+                                     {"return_tensors": "np"}, {"size": {"height": 96, "width": 96},
+                                                                "do_center_crop": False}])
+def test_thread_pool_gives_identical_output(images, options):
+    options = dict(options)
+    return_tensors = options.pop("return_tensors", "pt")
+    processor = LlavaImageProcessor(**options)
+    serial = _with_threads(1, lambda: processor(images, return_tensors=return_tensors)["pixel_values"])
+    threaded = _with_threads(2, lambda: processor(images, return_tensors=return_tensors)["pixel_values"])
+    assert type(serial) is type(threaded)
+    for a, b in zip(serial, threaded):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_a_bad_image_in_a_batch_is_named(small_images):
+    bad = np.full((20, 30, 3), 300.5, dtype=np.float32)  # neither [0, 1] nor whole numbers in [0, 255]
+    batch = [small_images[0], small_images[1], bad, small_images[0]]
+    for threads in (1, 2):
+        with pytest.raises(ValueError, match=r"image 2 of the batch: .*\[0, 1\]"):
+            _with_threads(threads, lambda: LlavaImageProcessor()(batch, return_tensors="pt"))
