@@ -12,8 +12,9 @@ centre-cropped (zero padded when too small), rescaled in float64 and normalized 
 write ``preprocessor_config.json`` with ``image_processor_type``; unknown keys are kept. Configs of checkpoints that
 carry a ``SiglipImageProcessor`` (fixed size, no crop, mean/std 0.5) get SigLIP's defaults for keys they omit, as
 transformers' AutoImageProcessor would. The torch processor resizes with Pillow itself on CPU (its C filters are
-the fastest exact ones there, run in threads) and with ``pil_resample``'s exact banded matmuls on other devices;
-both give transformers' PIL results bit for bit.
+the fastest exact ones there, run in threads, computing only the window a centre crop keeps where Pillow's box
+reproduces it exactly) and with ``pil_resample``'s exact banded matmuls on other devices; both give transformers'
+PIL results bit for bit.
 """
 
 from __future__ import annotations
@@ -329,18 +330,13 @@ def _value_table(options: dict[str, Any], channels: int) -> np.ndarray | None:
     return _cached_table(key, channels)
 
 
-def _value_map(options: dict[str, Any]) -> np.ndarray | None:
-    """(3, 256) float32 table of what each 8-bit RGB value becomes (transformers' exact arithmetic), or None when
-    neither rescale nor normalize is on (the values stay 8-bit). A per-channel multiply-add would be ~1.5x faster
-    on this step (a few % of the total) but is off by up to ~5e-7, and pixel_values are kept bit-identical."""
-    return _value_table(options, 3)
-
-
 def _write_values(pixels: np.ndarray, out: np.ndarray, top: int, left: int, options: dict[str, Any]) -> None:
     """(h, w, 3) uint8 -> rescaled/normalized float32 at out[:, top:top+h, left:left+w] of out (3, H, W); the rest
-    of out gets the value of a 0 pixel, as transformers zero-pads a centre crop before rescaling. numpy: releases
-    the GIL and never starts threads of its own inside the worker threads."""
-    table = _value_map(options)
+    of out gets the value of a 0 pixel, as transformers zero-pads a centre crop before rescaling. Needs
+    do_rescale or do_normalize. numpy releases the GIL here and starts no threads of its own in the workers."""
+    # A lookup keeps pixel_values bit-identical to transformers'; a fused multiply-add per channel would be ~1.5x
+    # faster on this step (a few % of the total) but off by up to ~5e-7, and no float32 constants make it exact.
+    table = _value_table(options, 3)  # (3, 256)
     height, width = pixels.shape[:2]
     source = pixels.transpose(2, 0, 1)  # (3, h, w) view
     if (height, width) != out.shape[1:]:
@@ -536,8 +532,11 @@ class LlavaImageProcessor(_LlavaImageProcessorBase):
 
     Per image it does only the work that survives the centre crop; 8-bit images are rescaled and normalized by
     a 256-entry table per channel (exactly transformers' float64-then-float32 arithmetic). On CPU the resize is
-    Pillow's own, in a thread pool of ``torch.get_num_threads()`` workers; on accelerators (``device=`` or CUDA
-    tensors) it is ``pil_resample``'s exact banded matmul, batched over images of one shape.
+    Pillow's own, given a box that computes only the cropped window where such a box is exact
+    (``pil_resample.pillow_box``), and the values go straight into a preallocated batch tensor; the images run in
+    a thread pool of ``torch.get_num_threads()`` workers, largest first, and a failing image is named by its
+    index. On accelerators (``device=`` or CUDA tensors) the resize is ``pil_resample``'s exact banded matmul,
+    batched over images of one shape.
     """
 
     def preprocess(self, images: Any, **kwargs: Any) -> BatchFeature:
@@ -655,7 +654,7 @@ def _channel_count(shape: tuple, input_data_format: str | None) -> int:
 def _fast_shape(image: Any, options: dict[str, Any], input_data_format: str | None) -> tuple[int, int, int] | None:
     """Output shape (3, H, W) of an image the fast CPU path takes (a PIL image, or a 3-channel uint8 array or CPU
     tensor, to resize; 8-bit values mapped to floats), without touching its pixels; None for every other input."""
-    if not (options["do_resize"] and _value_map(options) is not None):
+    if not (options["do_resize"] and (options["do_rescale"] or options["do_normalize"])):
         return None
     if isinstance(image, Image.Image):
         if not (options["do_convert_rgb"] or (image.mode == "RGB" and image.info.get("transparency") is None)):
@@ -799,8 +798,8 @@ def _finish_values(pixels: torch.Tensor, options: dict[str, Any]) -> torch.Tenso
         options["crop_size"]["height"], options["crop_size"]["width"]
     ):
         pixels = _tensor(_center_crop_array(pixels.cpu().numpy(), options["crop_size"])).to(pixels.device)
-    if pixels.dtype == torch.uint8 and pixels.device.type == "cpu" and pixels.ndim == 3 and pixels.shape[0] == 3 \
-            and _value_map(options) is not None:
+    if (pixels.dtype == torch.uint8 and pixels.device.type == "cpu" and pixels.ndim == 3 and pixels.shape[0] == 3
+            and (options["do_rescale"] or options["do_normalize"])):
         out = torch.empty(pixels.shape, dtype=torch.float32)
         _write_values(pixels.numpy().transpose(1, 2, 0), out.numpy(), 0, 0, options)
         return out
