@@ -60,6 +60,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastllava.models.half_matmul import Linear
+
 QUANT_METHOD = "fastllava"
 FORMAT_VERSION = 1
 WEIGHT_KINDS = ("int8", "int4")
@@ -558,7 +560,7 @@ def _group_of(name: str, module: nn.Module) -> str | None:
     short = _short(name)
     if type(module) is nn.Embedding:
         return "embed_tokens" if short == "language_model.embed_tokens" else None
-    if type(module) is not nn.Linear:  # subclasses (e.g. MultiheadAttention's out_proj) are used by weight
+    if type(module) not in (nn.Linear, Linear):  # other subclasses (e.g. MultiheadAttention's out_proj) are used by weight
         return None
     if name == "lm_head":
         return "lm_head"
@@ -588,7 +590,7 @@ def select_targets(model: nn.Module, qconfig: QuantizationConfig) -> dict[str, s
             chosen.add(name)
     for pattern in patterns:
         hits = [name for name, (module, group) in candidates.items()
-                if type(module) in (nn.Linear, nn.Embedding) and group is not None
+                if type(module) in (nn.Linear, Linear, nn.Embedding) and group is not None
                 and (fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(_hub_name(name), pattern))]
         if not hits:
             raise QuantizationError(f"modules entry {pattern!r} matches no quantizable layer; the groups are "
@@ -789,7 +791,7 @@ def _targets_from_checkpoint(model: nn.Module, reader: Any, qconfig: Quantizatio
     keys = {hub_to_internal(key): key for key in reader.keys()}
     targets: dict[str, str] = {}
     for name, module in model.named_modules():
-        if type(module) not in (nn.Linear, nn.Embedding) or name + ".scales" not in keys:
+        if type(module) not in (nn.Linear, Linear, nn.Embedding) or name + ".scales" not in keys:
             continue
         if name + ".qweight" in keys:
             groups = reader.shape(keys[name + ".scales"])[-1]

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 import fastllava
+from fastllava.models.half_matmul import Linear
 from fastllava import quantization as q
 from fastllava.quantization import (
     Int4Linear,
@@ -408,7 +409,7 @@ def test_group_size_that_does_not_divide_a_layer_keeps_it_in_full_precision(chec
     # hidden 64 < 128: only down_proj (input width 128) can take groups of 128
     assert {name for name, kind in kinds.items() if kind[0] == "Int4Linear"} == {
         f"model.language_model.layers.{i}.mlp.down_proj" for i in range(2)}
-    assert type(model.model.language_model.layers[0].self_attn.q_proj) is nn.Linear
+    assert type(model.model.language_model.layers[0].self_attn.q_proj) is Linear  # the full-precision layer
     got, valid = logits(model)
     want, _ = logits(load(checkpoint_factory("clip_llama")))
     assert relative_error(got, want, valid) <= ERROR_BOUND["int4"]

@@ -53,7 +53,8 @@ def test_page_upload_ask_stream_stop(browser, tmp_path):
         page.on("pageerror", lambda e: script_errors.append(str(e)))
         page.goto(live.url + "/")
         page.wait_for_selector("body[data-ready=true]")
-        page.wait_for_function("document.getElementById('model-name').textContent === 'tiny-llava'")
+        # predicates as arrow functions: a bare expression needs eval, which the page's CSP forbids when polled
+        page.wait_for_function("() => document.getElementById('model-name').textContent === 'tiny-llava'")
 
         # attach the image, ask, and watch the answer stream in
         page.set_input_files("#file-input", str(image_path))
@@ -110,7 +111,7 @@ def test_page_upload_ask_stream_stop(browser, tmp_path):
             const dropped = new DataTransfer(); dropped.items.add(file('dropped.png'));
             document.dispatchEvent(new DragEvent('drop', {dataTransfer: dropped, bubbles: true, cancelable: true}));
         }""")
-        page.wait_for_function("document.querySelectorAll('#attachments .attachment').length === 2")
+        page.wait_for_function("() => document.querySelectorAll('#attachments .attachment').length === 2")
         assert sorted(page.eval_on_selector_all("#attachments img", "els => els.map(e => e.alt)")) == \
             ["dropped.png", "pasted.png"]
 

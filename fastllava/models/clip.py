@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from fastllava.config import CLIPVisionConfig
+from fastllava.models.half_matmul import PatchConv2d
 from fastllava.models.vit import VisionEncoder, VisionOutput
 
 
@@ -17,7 +18,7 @@ class CLIPVisionEmbeddings(nn.Module):
     def __init__(self, config: CLIPVisionConfig):
         super().__init__()
         self.class_embedding = nn.Parameter(torch.empty(config.hidden_size))
-        self.patch_embedding = nn.Conv2d(config.num_channels, config.hidden_size, kernel_size=config.patch_size,
+        self.patch_embedding = PatchConv2d(config.num_channels, config.hidden_size, kernel_size=config.patch_size,
                                          stride=config.patch_size, bias=False)
         self.position_embedding = nn.Embedding(config.num_positions, config.hidden_size)
 

@@ -20,6 +20,7 @@ from torch import nn
 from fastllava.config import TextConfig
 from fastllava.generation.kv_cache import KVCache
 from fastllava.models.activations import get_activation
+from fastllava.models.half_matmul import Linear
 from fastllava.models.attention import decoder_mask
 from fastllava.models.attention_plan import AttentionPlan, DensePlan
 from fastllava.models.rope import apply_rotary, rotary_cos_sin
@@ -48,10 +49,10 @@ class DecoderAttention(nn.Module):
         self.head_dim = config.head_dim
         self.dropout = config.attention_dropout
         hidden = config.hidden_size
-        self.q_proj = nn.Linear(hidden, self.num_heads * self.head_dim, bias=config.qkv_bias)
-        self.k_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=config.qkv_bias)
-        self.v_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=config.qkv_bias)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=config.o_proj_bias)
+        self.q_proj = Linear(hidden, self.num_heads * self.head_dim, bias=config.qkv_bias)
+        self.k_proj = Linear(hidden, self.num_kv_heads * self.head_dim, bias=config.qkv_bias)
+        self.v_proj = Linear(hidden, self.num_kv_heads * self.head_dim, bias=config.qkv_bias)
+        self.o_proj = Linear(self.num_heads * self.head_dim, hidden, bias=config.o_proj_bias)
         self.attn_implementation = "sdpa"
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, plan: AttentionPlan,
@@ -71,9 +72,9 @@ class DecoderMLP(nn.Module):
     def __init__(self, config: TextConfig):
         super().__init__()
         bias = config.mlp_has_bias
-        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=bias)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=bias)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=bias)
+        self.gate_proj = Linear(config.hidden_size, config.intermediate_size, bias=bias)
+        self.up_proj = Linear(config.hidden_size, config.intermediate_size, bias=bias)
+        self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=bias)
         self.act = get_activation(config.hidden_act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

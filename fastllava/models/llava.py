@@ -17,6 +17,7 @@ from torch import nn
 
 from fastllava.config import CLIPVisionConfig, LlavaConfig, SiglipVisionConfig
 from fastllava.models.activations import get_activation
+from fastllava.models.half_matmul import Linear
 from fastllava.models.clip import CLIPVisionModel
 from fastllava.models.init_control import skip_init_on_meta
 from fastllava.models.llama import TextModel
@@ -40,9 +41,9 @@ class LlavaMultiModalProjector(nn.Module):
         super().__init__()
         width_in = config.vision_config.hidden_size * len(config.vision_feature_layers)
         width = config.text_config.hidden_size
-        self.linear_1 = nn.Linear(width_in, width, bias=config.multimodal_projector_bias)
+        self.linear_1 = Linear(width_in, width, bias=config.multimodal_projector_bias)
         self.act = get_activation(config.projector_hidden_act)
-        self.linear_2 = nn.Linear(width, width, bias=config.multimodal_projector_bias)
+        self.linear_2 = Linear(width, width, bias=config.multimodal_projector_bias)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.linear_2(self.act(self.linear_1(features)))
@@ -167,7 +168,7 @@ class LlavaForConditionalGeneration(PreTrainedModel):
         super().__init__(config)
         with skip_init_on_meta():
             self.model = LlavaModel(config)
-            self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+            self.lm_head = Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
         self.generation_config = None
         if not self.lm_head.weight.is_meta:
             self.init_weights()

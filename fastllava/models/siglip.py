@@ -8,13 +8,14 @@ import torch
 from torch import nn
 
 from fastllava.config import SiglipVisionConfig
+from fastllava.models.half_matmul import PatchConv2d
 from fastllava.models.vit import VisionEncoder, VisionMLP, VisionOutput
 
 
 class SiglipVisionEmbeddings(nn.Module):
     def __init__(self, config: SiglipVisionConfig):
         super().__init__()
-        self.patch_embedding = nn.Conv2d(config.num_channels, config.hidden_size, kernel_size=config.patch_size,
+        self.patch_embedding = PatchConv2d(config.num_channels, config.hidden_size, kernel_size=config.patch_size,
                                          stride=config.patch_size)
         self.position_embedding = nn.Embedding(config.num_patches, config.hidden_size)
 

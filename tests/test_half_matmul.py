@@ -1,0 +1,88 @@
+"""bf16 products in float32 on CPUs without bf16 arithmetic (fastllava.models.half_matmul)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastllava.models import half_matmul
+from fastllava.models.half_matmul import MIN_ROWS_IN_FLOAT32, Linear, PatchConv2d, linear
+
+
+@pytest.fixture
+def mode(monkeypatch):
+    def set_mode(value: str) -> None:
+        monkeypatch.setenv("FASTLLAVA_HALF_MATMUL", value)
+    return set_mode
+
+
+def test_many_rows_are_computed_in_float32_and_rounded_once(mode):
+    mode("float32")
+    torch.manual_seed(0)
+    x = torch.randn(2, MIN_ROWS_IN_FLOAT32, 64, dtype=torch.bfloat16)
+    layer = Linear(64, 48).to(torch.bfloat16)
+    out = layer(x)
+    assert out.dtype == torch.bfloat16 and out.shape == (2, MIN_ROWS_IN_FLOAT32, 48)
+    expected = F.linear(x.float(), layer.weight.float(), layer.bias.float()).to(torch.bfloat16)
+    assert torch.equal(out, expected)
+    native = F.linear(x, layer.weight, layer.bias)  # the same product up to summation order: a bf16 ulp at most
+    assert torch.allclose(out.float(), native.float(), rtol=2 ** -7, atol=1e-2)
+
+
+def test_few_rows_and_float32_inputs_use_the_native_kernel(mode):
+    mode("float32")
+    torch.manual_seed(0)
+    weight = torch.randn(48, 64, dtype=torch.bfloat16)
+    few = torch.randn(MIN_ROWS_IN_FLOAT32 - 1, 64, dtype=torch.bfloat16)
+    assert torch.equal(linear(few, weight), F.linear(few, weight))
+    full = torch.randn(64, 64)
+    assert torch.equal(linear(full, weight.float()), F.linear(full, weight.float()))
+
+
+def test_native_mode_and_bad_setting(mode):
+    mode("native")
+    x = torch.randn(64, 32, dtype=torch.bfloat16)
+    weight = torch.randn(16, 32, dtype=torch.bfloat16)
+    assert torch.equal(linear(x, weight), F.linear(x, weight))
+    mode("fast")
+    with pytest.raises(ValueError, match="FASTLLAVA_HALF_MATMUL='fast'"):
+        linear(x, weight)
+
+
+def test_auto_follows_the_cpu_flags(mode, monkeypatch):
+    mode("auto")
+    monkeypatch.setattr(half_matmul, "cpu_has_half_arithmetic", lambda: False)
+    assert half_matmul.half_products_in_float32()
+    monkeypatch.setattr(half_matmul, "cpu_has_half_arithmetic", lambda: True)
+    assert not half_matmul.half_products_in_float32()
+
+
+def test_patch_convolution_in_float32(mode):
+    mode("float32")
+    torch.manual_seed(0)
+    conv = PatchConv2d(3, 32, kernel_size=8, stride=8, bias=False).to(torch.bfloat16)
+    image = torch.randn(1, 3, 32, 32, dtype=torch.bfloat16)
+    out = conv(image)
+    assert out.dtype == torch.bfloat16
+    assert torch.equal(out, F.conv2d(image.float(), conv.weight.float(), stride=8).to(torch.bfloat16))
+
+
+def test_bf16_model_gives_the_same_greedy_tokens_either_way(checkpoint_factory, mode):
+    """A whole bf16 LLaVA (vision tower, projector, decoder): float32 products change no greedy token."""
+    from fastllava.models.llava import LlavaForConditionalGeneration
+
+    model = LlavaForConditionalGeneration.from_pretrained(checkpoint_factory("clip_llama"), torch_dtype=torch.bfloat16)
+    config = model.config
+    side = config.vision_config.image_size
+    image_tokens = (side // config.vision_config.patch_size) ** 2
+    torch.manual_seed(1)
+    ids = torch.randint(3, 100, (1, image_tokens + 20))
+    ids[0, 2:2 + image_tokens] = config.image_token_id
+    pixels = torch.randn(1, 3, side, side)
+    kwargs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixels, max_new_tokens=8,
+                  do_sample=False, eos_token_id=None)
+    mode("native")
+    native = model.generate(**kwargs)
+    mode("float32")
+    assert torch.equal(model.generate(**kwargs), native)
