@@ -553,6 +553,14 @@ class LlavaImageProcessor(_LlavaImageProcessorBase):
 
     # ---- CPU: Pillow resizes only the window the crop keeps; values written straight into the batch tensor
     def _cpu(self, flat: list, options: dict[str, Any], call: dict[str, Any]) -> BatchFeature:
+        for index, image in enumerate(flat):
+            if isinstance(image, Image.Image):
+                # decode lazily opened files here, once: threads may share an image object, and Pillow's decoders
+                # hold the GIL anyway
+                try:
+                    image.load()
+                except Exception as error:
+                    raise _naming_image(error, index) from error
         fmt = call.get("input_data_format")
         shapes = [_fast_shape(image, options, fmt) for image in flat]  # None: the image takes the general path
         batch = None

@@ -415,3 +415,18 @@ def test_a_bad_image_in_a_batch_is_named(small_images):
     for threads in (1, 2):
         with pytest.raises(ValueError, match=r"image 2 of the batch: .*\[0, 1\]"):
             _with_threads(threads, lambda: LlavaImageProcessor()(batch, return_tensors="pt"))
+
+
+def test_lazily_opened_images_shared_in_a_batch(tmp_path):
+    """The same not-yet-decoded file object twice in a batch (threads must not decode it concurrently), and a
+    truncated file named by its index."""
+    photo = Image.fromarray(skimage_data.chelsea())
+    photo.save(tmp_path / "cat.jpg", quality=90)
+    data = (tmp_path / "cat.jpg").read_bytes()
+    (tmp_path / "cut.jpg").write_bytes(data[: len(data) // 3])
+    reference = oracle()([Image.open(tmp_path / "cat.jpg")] * 3, return_tensors="np")["pixel_values"]
+    lazy = Image.open(tmp_path / "cat.jpg")
+    out = _with_threads(2, lambda: LlavaImageProcessor()([lazy, lazy, lazy], return_tensors="np")["pixel_values"])
+    np.testing.assert_array_equal(out, reference)
+    with pytest.raises(OSError, match="image 1 of the batch"):
+        LlavaImageProcessor()([Image.open(tmp_path / "cat.jpg"), Image.open(tmp_path / "cut.jpg")])
