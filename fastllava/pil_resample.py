@@ -7,7 +7,10 @@ same 8-bit image: same filter supports and antialiasing, same 22-bit fixed-point
 the first pass's result rounded to uint8, and the same rounding and clipping. NEAREST follows
 Pillow's affine nearest-neighbour path. Filters: NEAREST (0), LANCZOS (1), BILINEAR (2), BICUBIC (3), BOX (4),
 HAMMING (5), with Pillow's numbering. The pass order follows the installed Pillow (13 runs the vertical pass first
-when the height shrinks by more than twice the width; 12.2-12.3 did so for images over 100 times taller than wide).
+when the height loses more than twice as many pixels as the width; 12.2-12.3 did so for images over 100 times
+taller than wide).
+``pillow_box`` finds, where one exists, the ``box`` for Pillow's own ``Image.resize`` that computes only a window
+of a resize, exactly (the CPU image processor resizes only what a centre crop keeps).
 
 How: each pass is a banded matrix product. Output positions are grouped in blocks; each block reads only its input
 window, so the work stays near Pillow's own instead of a dense (out x in) product. Products run in float32 (fast on
