@@ -69,7 +69,7 @@ def test_patch_convolution_in_float32(mode):
 
 
 def test_bf16_model_gives_the_same_greedy_tokens_either_way(checkpoint_factory, mode):
-    """A whole bf16 LLaVA (vision tower, projector, decoder): float32 products change no greedy token."""
+    """A whole bf16 LLaVA (vision tower, projector, decoder): float32 products and KV cache change no greedy token."""
     from fastllava.models.llava import LlavaForConditionalGeneration
 
     model = LlavaForConditionalGeneration.from_pretrained(checkpoint_factory("clip_llama"), torch_dtype=torch.bfloat16)
@@ -86,3 +86,19 @@ def test_bf16_model_gives_the_same_greedy_tokens_either_way(checkpoint_factory, 
     native = model.generate(**kwargs)
     mode("float32")
     assert torch.equal(model.generate(**kwargs), native)
+
+
+def test_kv_cache_of_a_bf16_model_is_float32_when_products_are(checkpoint_factory, mode):
+    from fastllava.generation.session import DecodeSession
+    from fastllava.models.half_matmul import resolve_kv_dtype
+    from fastllava.models.llava import LlavaForConditionalGeneration
+
+    model = LlavaForConditionalGeneration.from_pretrained(checkpoint_factory("clip_llama"), torch_dtype=torch.bfloat16)
+    mode("float32")
+    assert DecodeSession(model, 1, 8).cache.keys[0].dtype == torch.float32
+    assert resolve_kv_dtype("auto", torch.float32) == torch.float32
+    assert resolve_kv_dtype("bfloat16", torch.bfloat16) == torch.bfloat16
+    mode("native")
+    assert DecodeSession(model, 1, 8).cache.keys[0].dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="kv_cache_dtype"):
+        resolve_kv_dtype("int8", torch.bfloat16)

@@ -43,6 +43,7 @@ from fastllava.engine.request import PreparedPrompt, Request, Sequence, Status
 from fastllava.engine.sampler import Sampler, SampleRow, settings_for
 from fastllava.engine.scheduler import Chunk, Scheduler
 from fastllava.engine.types import CompletionOutput, RequestOutput, SamplingParams
+from fastllava.models.half_matmul import resolve_kv_dtype
 
 GiB = 1 << 30
 
@@ -51,30 +52,6 @@ def error_message(error: BaseException) -> str:
     """What a failed request's ``RequestOutput.error`` says: the message, named by its type unless it is ours."""
     message = str(error) or type(error).__name__
     return message if isinstance(error, RequestError) else f"{type(error).__name__}: {message}"
-
-
-def _cpu_has_bf16_math() -> bool:
-    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
-
-
-def resolve_kv_dtype(kv_cache_dtype: str | torch.dtype, model_dtype: torch.dtype,
-                     device: torch.device | str = "cpu") -> torch.dtype:
-    """"auto": the model's dtype, except fp32 for a bf16/fp16 model on a CPU without bf16 arithmetic (AVX2),
-    where SDPA of one decode query over 800 cached bf16 tokens measured 7x slower than over fp32 ones
-    (1.87 ms vs 0.26 ms per layer and sequence, benchmarks/bench_engine.py --only kv-layout): the cache costs
-    twice the bytes per token there, and decode attention gets several times faster."""
-    if isinstance(kv_cache_dtype, torch.dtype):
-        return kv_cache_dtype
-    if kv_cache_dtype == "auto":
-        reduced = model_dtype in (torch.bfloat16, torch.float16)
-        if reduced and torch.device(device).type == "cpu" and not _cpu_has_bf16_math():
-            return torch.float32
-        return model_dtype
-    names = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    if kv_cache_dtype not in names:
-        raise ValueError(f"kv_cache_dtype must be 'auto' or one of {sorted(names)}, got {kv_cache_dtype!r}")
-    return names[kv_cache_dtype]
 
 
 class Engine:

@@ -62,8 +62,9 @@ class KVCache:
 
     def write(self, layer: int, slots: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
         """Store key/value (B, H_kv, T, D) of one layer at cache slots (T,)."""
-        self.keys[layer].index_copy_(2, slots, key)
-        self.values[layer].index_copy_(2, slots, value)
+        keys, values = self.keys[layer], self.values[layer]
+        keys.index_copy_(2, slots, key.to(keys.dtype))  # a float32 cache may serve a bf16 model
+        values.index_copy_(2, slots, value.to(values.dtype))
 
     def select_rows(self, rows: torch.Tensor) -> None:
         """Keep only some batch rows (e.g. drop finished sequences, or repeat a prompt's rows)."""

@@ -14,6 +14,7 @@ import torch
 
 from fastllava.generation.decode_step import StepRunner, bucket_capacity
 from fastllava.generation.kv_cache import KVCache
+from fastllava.models.half_matmul import resolve_kv_dtype
 
 
 class DecodeSession:
@@ -22,8 +23,9 @@ class DecodeSession:
         self.model = model
         self.text_model = model.model.language_model
         # Capacities come in buckets so the fixed-shape decode step is reused (and compiled) per bucket.
+        # dtype None: the model's, or float32 for a bf16 model on a CPU without bf16 arithmetic (resolve_kv_dtype)
         self.cache = KVCache.for_config(model.config.text_config, batch_size, bucket_capacity(capacity),
-                                        dtype or model.dtype, model.device)
+                                        dtype or resolve_kv_dtype("auto", model.dtype, model.device), model.device)
         self.step_runner = StepRunner(model, compile)
         self.next_positions = torch.zeros(batch_size, dtype=torch.long, device=model.device)
         self.token_ids: list[list[int]] = [[] for _ in range(batch_size)]  # what the cache holds, per row

@@ -39,5 +39,10 @@ class DensePlan:
             k = self.cache.keys[layer][:, :, : self.kv_len]
             v = self.cache.values[layer][:, :, : self.kv_len]
         mask = self.masks[layer]
-        return attend(q, k, v, mask, implementation, causal_no_mask=mask is None, return_weights=return_weights,
-                      dropout=dropout)
+        if q.dtype == k.dtype:
+            return attend(q, k, v, mask, implementation, causal_no_mask=mask is None, return_weights=return_weights,
+                          dropout=dropout)
+        # a float32 cache for a bf16 model (resolve_kv_dtype): attend in the cache's dtype, answer in the model's
+        out, weights = attend(q.to(k.dtype), k, v, mask, implementation, causal_no_mask=mask is None,
+                              return_weights=return_weights, dropout=dropout)
+        return out.to(q.dtype), None if weights is None else weights.to(q.dtype)

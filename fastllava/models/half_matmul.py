@@ -9,6 +9,9 @@ rounded back to bf16 once: the same inputs, float32 accumulation like the native
 order differs (measured: 0.01% of outputs differ, by one bf16 ulp). Few-row products (decode, GEMV) stay native:
 converting the whole weight per token costs more than it saves there (crossover measured at 8-16 rows).
 
+Attention is the same story: one decode query over 800 cached bf16 tokens measured 7x slower than over float32
+ones, so caches of half-precision models on such CPUs store float32 (``kv_cache_dtype``).
+
 ``FASTLLAVA_HALF_MATMUL`` = ``auto`` (default: float32 when the CPU lacks bf16 arithmetic), ``float32`` or
 ``native`` overrides the choice.
 """
@@ -28,16 +31,9 @@ MIN_ROWS_IN_FLOAT32 = 16  # below this, the native kernel wins (see the module d
 
 @functools.lru_cache(maxsize=None)
 def cpu_has_half_arithmetic() -> bool:
-    """True when the CPU computes bf16 natively (AVX512-BF16 or AMX) or when it cannot be told (not Linux x86)."""
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as info:
-            for line in info:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    return bool({"avx512_bf16", "amx_bf16"} & flags)
-    except OSError:
-        pass
-    return True  # unknown CPU: leave PyTorch's own kernels alone
+    """True when the CPU computes bf16 natively (AVX512-BF16 or AMX tiles), as PyTorch's own CPU checks say."""
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
 
 
 def half_products_in_float32() -> bool:
@@ -78,3 +74,20 @@ class PatchConv2d(nn.Conv2d):
         if _upcast(x, MIN_ROWS_IN_FLOAT32):  # a whole image: always worth it
             return self._conv_forward(x.float(), self.weight.float(), _float(self.bias)).to(x.dtype)
         return super().forward(x)
+
+
+def resolve_kv_dtype(kv_cache_dtype: str | torch.dtype, model_dtype: torch.dtype,
+                     device: torch.device | str = "cpu") -> torch.dtype:
+    """The KV cache's dtype. "auto": the model's, except float32 for a bf16/fp16 model on a CPU computing half
+    products in float32 (SDPA of one decode query over 800 cached tokens: 1.87 ms in bf16 against 0.26 ms in
+    float32 per layer, benchmarks/bench_engine.py --only kv-layout); the cache then costs twice the bytes."""
+    if isinstance(kv_cache_dtype, torch.dtype):
+        return kv_cache_dtype
+    if kv_cache_dtype == "auto":
+        if model_dtype in HALF_DTYPES and torch.device(device).type == "cpu" and half_products_in_float32():
+            return torch.float32
+        return model_dtype
+    names = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if kv_cache_dtype not in names:
+        raise ValueError(f"kv_cache_dtype must be 'auto' or one of {sorted(names)}, got {kv_cache_dtype!r}")
+    return names[kv_cache_dtype]
