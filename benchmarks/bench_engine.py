@@ -20,18 +20,20 @@ times: lower is better). One JSON line per result, plus a table; peak RSS at the
 
     python benchmarks/bench_engine.py [--dtype float32] [--concurrency 4] [--new-tokens 32] [--only ...]
 
-``--dtype float32`` is the default because on this machine's AVX2 CPU (no bf16 arithmetic) a bf16 GEMM runs at
-~6 GFLOP/s against ~30-50 for fp32 (the ``gemm`` line of each run): one bf16 prefill of an image prompt takes
-minutes. ``--dtype bfloat16`` runs the same benchmark in bf16. On a shared, busy machine use ``--threads 1``:
-with two OpenMP threads and other processes on the two cores, every small parallel region waits for a
-descheduled thread (a 4-sequence decode step measured 4.7 s with 2 threads against 0.9 s with 1).
+``--dtype float32`` is the default because on this machine's AVX2 CPU (no bf16 arithmetic) transformers' bf16
+GEMMs run at ~6-8 GFLOP/s (the ``gemm`` line of each run): its bf16 prefill of one image prompt takes about two
+minutes, so a bf16 run is long. fastllava computes those products in float32 (fastllava/models/half_matmul.py),
+which is why its bf16 prefill can beat the printed bf16 "floor". ``--dtype bfloat16`` runs the same benchmark in
+bf16. On a shared, busy machine use ``--threads 1``: with two OpenMP threads and other processes on the two
+cores, every small parallel region waits for a descheduled thread (a 4-sequence decode step measured 4.7 s with
+2 threads against 0.9 s with 1).
 
-Measured here (2 cores shared with other jobs, load average 4-8, fp32, ``--threads 1``, 4 requests x 32 tokens,
-2026-11-25): distinct images 1.09x transformers' tok/s (TTFT p50 0.75x, decode ITL p50 1.59 s vs 2.17 s, our
-prefill 1.3x the compute floor), all outputs identical; 4 questions about one image 2.27x tok/s and 0.29x TTFT
-(2160 of 3028 prompt tokens from the prefix cache, 3 image-cache hits); a repeated image's TTFT 1.8-3.1 s
-against 32-69 s uncached and 55-60 s for the first question (0.03-0.06x); a second chat turn's 1.6-4.0 s
-(0.03-0.07x of the first turn's).
+Measured here, bf16 (2 cores shared with other jobs, load average 3-4, ``--threads 1``, 4 requests x 32 tokens,
+2026-11-25, ``--only throughput shared-images repeat``): distinct images 4.21x transformers' tok/s (TTFT p50
+0.17x, prefill 105 s vs 481 s), outputs identical 4/4; 4 questions about one image 14.4x tok/s, TTFT 0.039x
+(2160 prompt tokens from the prefix cache, 3 image-cache hits), identical 4/4; a repeated image's TTFT 0.99 s
+against 18.1 s uncached and 20.4 s first (0.048x); a second chat turn 1.18 s (0.058x); peak RSS 4.4 GiB.
+Earlier, fp32 (load 4-8): distinct images 1.09x, one image 2.27x, repeated image 0.03-0.06x.
 """
 
 from __future__ import annotations
