@@ -120,8 +120,10 @@ def test_collator_matches_processor_layout(processor):
     assert all(l == IGNORE_INDEX for l in ex["labels"][: len(ids)])
 
 
-def test_template_without_generation_blocks_and_eos(processor):
+def test_template_without_generation_blocks_and_eos(tmp_path):
     """llava-hf's llava-1.5 template style: no generation marks, answers end with a space, no </s>."""
+    # A case-keeping tokenizer: lowercased, " user" is one token that straddles the answer's trailing space.
+    processor = build_processor(tmp_path, TOY, lowercase=False)
     template = ("{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}"
                 "{% endif %}{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}"
                 "{{ '<image>\n' }}{% endfor %}{% for content in message['content'] | selectattr('type', 'equalto', "
@@ -329,6 +331,12 @@ def test_bundled_demo_model_answers_about_its_picture():
     assert size <= 20 * 1024 * 1024
     model = LlavaForConditionalGeneration.from_pretrained(DEMO_MODEL)
     answer = make_answer_fn(model, AutoProcessor.from_pretrained(DEMO_MODEL))
-    image = Image.open(DEMO_MODEL.parent / "image.png").convert("RGB")  # one blue circle on a grey ground
-    assert answer(image, "What colour is the circle?") == "blue"  # the README's main command asks this
-    assert answer(image, "How many shapes are there?") == "1"
+    image = Image.open(DEMO_MODEL.parent / "image.png").convert("RGB")  # write_demo_image: one blue circle, left
+    facts = {
+        "What colour is the circle?": "blue",  # the README's main command asks this
+        "What shape is the blue object?": "circle",
+        "How many shapes are there?": "1",
+        "Is there a blue circle?": "yes",
+        "Is there a red square?": "no",
+    }
+    assert {q: answer(image, q) for q in facts} == facts
