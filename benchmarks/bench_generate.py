@@ -34,21 +34,11 @@ from common import (  # noqa: E402
     make_random_checkpoint,
     median,
     print_table,
+    read_bandwidth_gb_s,
 )
 
 CHAT_PREFIX = 13  # "<|im_start|>user " + "\n" ... tokens around the image in the interleave template
 CHAT_SUFFIX = 15  # "What is shown in this image?<|im_end|><|im_start|>assistant\n"
-
-
-def read_bandwidth_gbs(size_bytes: int = 1 << 30, repeats: int = 5) -> float:
-    """Best-of-N GB/s of torch.sum over a buffer larger than the caches: the machine's read bandwidth."""
-    buffer = torch.ones(size_bytes // 4, dtype=torch.float32)
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        buffer.sum()
-        best = min(best, time.perf_counter() - start)
-    return size_bytes / best / 1e9
 
 
 def make_inputs(config: dict, batch: int, seed: int = 0) -> dict:
@@ -150,7 +140,7 @@ def main() -> None:
     dtype = getattr(torch, args.dtype)
     ours = fastllava.LlavaForConditionalGeneration.from_pretrained(directory, dtype=dtype)
     theirs = transformers.LlavaForConditionalGeneration.from_pretrained(directory, dtype=dtype).eval()
-    bandwidth = read_bandwidth_gbs()
+    bandwidth = read_bandwidth_gb_s()
     weight_bytes = text_weight_bytes(ours)
     rows = []
     for batch in args.batches:

@@ -44,6 +44,7 @@ from common import (  # noqa: E402
     median,
     memory_status,
     print_table,
+    read_bandwidth_gb_s,
     run_json_subprocess,
     toy_llava_interleave_config,
 )
@@ -66,18 +67,6 @@ def layer_shapes(config: dict) -> list[tuple[str, int, int]]:
     if kv != hidden:
         shapes.append(("k_proj/v_proj", kv, hidden))
     return shapes + [("gate_proj/up_proj", inter, hidden), ("down_proj", hidden, inter), ("lm_head", vocab, hidden)]
-
-
-def read_bandwidth_gb_s(size_bytes: int = 1 << 30, repeats: int = 5) -> float:
-    import torch
-
-    buffer = torch.ones(size_bytes // 4, dtype=torch.float32)
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        buffer.sum()
-        best = min(best, time.perf_counter() - start)
-    return size_bytes / best / 1e9
 
 
 def time_interleaved(candidates: dict[str, Callable[[], Any]], rounds: int, budget_s: float) -> dict[str, float]:

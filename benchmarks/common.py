@@ -18,6 +18,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -205,3 +206,16 @@ def emit_json(record: dict[str, Any], file=None) -> None:
 
 
 MIB = 1024 * 1024
+
+
+def read_bandwidth_gb_s(size_bytes: int = 1 << 30, repeats: int = 5) -> float:
+    """Best-of-N GB/s of torch.sum over a buffer larger than the caches: the machine's read bandwidth."""
+    import torch
+
+    buffer = torch.ones(size_bytes // 4, dtype=torch.float32)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        buffer.sum()
+        best = min(best, time.perf_counter() - start)
+    return size_bytes / best / 1e9
