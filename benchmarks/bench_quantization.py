@@ -104,7 +104,9 @@ def bench_gemv(config: dict, rounds: int, budget_s: float, group_sizes: list[int
     import torch
     import torch.nn.functional as F
 
-    from fastllava.quantization import Int4Linear, Int8Linear, quantize_int4, quantize_int8
+    from fastllava.kernels.build import gemv_kernels_available
+    from fastllava.models.half_matmul import linear
+    from fastllava.quantization import Int4Linear, Int8Linear, _int4_kernel_layout, quantize_int4, quantize_int8
 
     torch.manual_seed(0)
     rows = []
@@ -114,6 +116,8 @@ def bench_gemv(config: dict, rounds: int, budget_s: float, group_sizes: list[int
         x = torch.randn(1, in_features, dtype=torch.bfloat16)
         groups = [group for group in group_sizes if in_features % group == 0]
         layers: dict[str, list] = {"bf16": [lambda x, w=w: F.linear(x, w) for w in weights]}
+        if gemv_kernels_available():  # fastllava's bf16 path: the C++ GEMV
+            layers["bf16 gemv"] = [lambda x, w=w: linear(x, w) for w in weights]
         quantize_s: dict[str, float] = {}
 
         def build(label, make):
@@ -121,17 +125,21 @@ def bench_gemv(config: dict, rounds: int, budget_s: float, group_sizes: list[int
             layers[label] = [make(w) for w in weights]
             quantize_s[label] = (time.perf_counter() - start) / copies
 
-        def int8_layer(w, kernel=True):
+        def int8_layer(w, kernel=True, torch_kernel=False):
             layer = Int8Linear(in_features, out_features, bias=False)
             layer.weight, layer.scales = quantize_int8(w, torch.bfloat16)
             if kernel:
                 layer.finish_load()
+            if torch_kernel:
+                layer.kernel = "int8pack"
             return layer
 
-        def int4_layer(w, group, kernel=True):
+        def int4_layer(w, group, kernel=True, torch_kernel=False):
             layer = Int4Linear(in_features, out_features, bias=False, group_size=group)
             layer.qweight, layer.scales, layer.zeros = quantize_int4(w, group, torch.bfloat16)
-            if kernel:
+            if torch_kernel:
+                layer.set_kernel_tensors(_int4_kernel_layout(layer.qweight, layer.kernel_rows), layer.scales, layer.zeros)
+            elif kernel:
                 layer.finish_load()
             return layer
 
@@ -142,6 +150,9 @@ def bench_gemv(config: dict, rounds: int, budget_s: float, group_sizes: list[int
         layers["int8 dequant"] = [int8_layer(weights[0], kernel=False)]
         middle = groups[len(groups) // 2]
         layers[f"int4-g{middle} dequant"] = [int4_layer(weights[0], middle, kernel=False)]
+        if gemv_kernels_available():  # torch's packed kernels beside fastllava's GEMV
+            build("int8 int8pack", lambda w: int8_layer(w, torch_kernel=True))
+            build(f"int4-g{middle} int4pack", lambda w: int4_layer(w, middle, torch_kernel=True))
         candidates = {}
         for label, built in layers.items():
             kernel = getattr(built[0], "kernel", None)
@@ -156,8 +167,11 @@ def bench_gemv(config: dict, rounds: int, budget_s: float, group_sizes: list[int
             row = {"bench": "quant_gemv", "layer": name, "shape": f"{out_features}x{in_features}", "path": label,
                    "copies": copies if "dequant" not in label else 1, "ms": seconds * 1e3,
                    "gb_s": weight_bytes[scheme] / seconds / 1e9, "speedup_vs_bf16": times["bf16"] / seconds}
-            if scheme in quantize_s:
-                row["quantize_s"] = quantize_s[scheme]
+            if "bf16 gemv" in times:
+                row["speedup_vs_bf16_gemv"] = times["bf16 gemv"] / seconds
+            built_as = label if label in quantize_s else scheme
+            if built_as in quantize_s:
+                row["quantize_s"] = quantize_s[built_as]
             rows.append(row)
             emit_json(row)
         del weights, layers, candidates

@@ -14,3 +14,6 @@ if [ "${1:-}" = "test" ]; then
 else
   .venv/bin/python -m pip install --quiet --disable-pip-version-check -e .
 fi
+# Build the C++ CPU kernels now (~15-30 s, once per machine) so the first answer does not wait for them; a
+# machine without a compiler prints that PyTorch's ops will be used instead.
+.venv/bin/python -m fastllava.kernels

@@ -26,3 +26,16 @@ def checkpoint_factory(tmp_path_factory):
         return made[family]
 
     return get
+
+
+@pytest.fixture(params=["fastllava-gemv", "torch-ops"])
+def cpu_kernels(request, monkeypatch):
+    """Run a test with fastllava's C++ GEMV kernels and again with PyTorch's ops only (FASTLLAVA_KERNELS=0's
+    path). The kernels must build here: a machine without g++/ninja fails the first variant, it is not skipped."""
+    from fastllava.kernels import build
+
+    if request.param == "torch-ops":
+        monkeypatch.setitem(build._state, "loaded", False)
+    else:
+        assert build.load(), "fastllava's C++ kernels did not build (see the warning above): g++ and ninja needed"
+    return request.param

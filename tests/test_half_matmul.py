@@ -30,14 +30,40 @@ def test_many_rows_are_computed_in_float32_and_rounded_once(mode):
     assert torch.allclose(out.float(), native.float(), rtol=2 ** -7, atol=1e-2)
 
 
-def test_few_rows_and_float32_inputs_use_the_native_kernel(mode):
+def test_few_rows_use_the_gemv_kernel_where_built_and_float32_inputs_stay_native(mode, cpu_kernels, monkeypatch):
     mode("float32")
     torch.manual_seed(0)
     weight = torch.randn(48, 64, dtype=torch.bfloat16)
     few = torch.randn(MIN_ROWS_IN_FLOAT32 - 1, 64, dtype=torch.bfloat16)
-    assert torch.equal(linear(few, weight), F.linear(few, weight))
+    calls = []
+    if cpu_kernels == "fastllava-gemv":
+        kernel = torch.ops.fastllava.gemv
+        monkeypatch.setattr(half_matmul, "torch", _Spy(torch, kernel, calls))
+    out = linear(few, weight)
+    assert calls == ([few.shape] if cpu_kernels == "fastllava-gemv" else [])
+    native = F.linear(few, weight)  # float32 accumulation too: at most one bf16 ulp apart (summation order)
+    assert torch.allclose(out.float(), native.float(), rtol=2 ** -7, atol=1e-2)
     full = torch.randn(64, 64)
     assert torch.equal(linear(full, weight.float()), F.linear(full, weight.float()))
+    with torch.enable_grad():  # the kernels have no backward: products that need one stay on torch's ops
+        trained = weight.clone().requires_grad_()
+        linear(few, trained).sum().backward()
+    assert trained.grad is not None and len(calls) == (1 if cpu_kernels == "fastllava-gemv" else 0)
+
+
+class _Spy:
+    """``torch`` as half_matmul sees it, with ``torch.ops.fastllava.gemv`` recording the shapes it is called with."""
+
+    def __init__(self, module, kernel, calls):
+        self._module, self._kernel, self._calls = module, kernel, calls
+        self.ops = type("Ops", (), {"fastllava": type("Lib", (), {"gemv": staticmethod(self._gemv)})})
+
+    def _gemv(self, x, weight, bias=None):
+        self._calls.append(x.shape)
+        return self._kernel(x, weight, bias)
+
+    def __getattr__(self, name):
+        return getattr(self._module, name)
 
 
 def test_native_mode_and_bad_setting(mode):
@@ -45,6 +71,7 @@ def test_native_mode_and_bad_setting(mode):
     x = torch.randn(64, 32, dtype=torch.bfloat16)
     weight = torch.randn(16, 32, dtype=torch.bfloat16)
     assert torch.equal(linear(x, weight), F.linear(x, weight))
+    assert torch.equal(linear(x[:2], weight), F.linear(x[:2], weight))  # no GEMV kernel either
     mode("fast")
     with pytest.raises(ValueError, match="FASTLLAVA_HALF_MATMUL='fast'"):
         linear(x, weight)
@@ -68,7 +95,7 @@ def test_patch_convolution_in_float32(mode):
     assert torch.equal(out, F.conv2d(image.float(), conv.weight.float(), stride=8).to(torch.bfloat16))
 
 
-def test_bf16_model_gives_the_same_greedy_tokens_either_way(checkpoint_factory, mode):
+def test_bf16_model_gives_the_same_greedy_tokens_either_way(checkpoint_factory, mode, cpu_kernels):
     """A whole bf16 LLaVA (vision tower, projector, decoder): float32 products and KV cache change no greedy token."""
     from fastllava.models.llava import LlavaForConditionalGeneration
 

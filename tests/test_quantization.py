@@ -5,6 +5,7 @@ path used on CUDA) and the streaming load (each source tensor quantized then rel
 
 from __future__ import annotations
 
+import itertools
 import json
 import types
 import warnings
@@ -100,14 +101,22 @@ def _fake_quantized_float_model(directory, quantized):
 
 @pytest.mark.parametrize("family", ["clip_llama", "siglip_qwen2"])
 @pytest.mark.parametrize("scheme", SCHEMES, ids=lambda s: f"{s[0]}-g{s[1]}")
-def test_packed_kernels_equal_matmul_with_the_dequantized_weights(checkpoint_factory, family, scheme):
+def test_packed_kernels_equal_matmul_with_the_dequantized_weights(checkpoint_factory, family, scheme, cpu_kernels):
     directory = checkpoint_factory(family)
     quantized = load(directory, scheme)
     kernels = {module.kernel for module in quantized_modules(quantized).values()}
-    assert kernels == {"lookup", "int8pack" if scheme[0] == "int8" else "int4pack"}
+    expected = "gemv" if cpu_kernels == "fastllava-gemv" else "int8pack" if scheme[0] == "int8" else "int4pack"
+    assert kernels == {"lookup", expected}
     got, valid = logits(quantized)
     want, _ = logits(_fake_quantized_float_model(directory, quantized))
     assert relative_error(got, want, valid) <= 1e-5
+    # decode-sized inputs (few rows: the GEMV kernels where built) against the same float weights
+    layer = quantized.model.language_model.layers[0].mlp.down_proj
+    reference = _fake_quantized_float_model(directory, quantized).model.language_model.layers[0].mlp.down_proj
+    for rows in (1, 2, 3, 5):
+        x = torch.randn(rows, layer.in_features)
+        out, expected_out = layer(x), reference(x)
+        assert ((out - expected_out).abs().max() / expected_out.abs().max()).item() <= 1e-5, rows
 
 
 def test_quantized_codes_are_the_nearest_for_their_scales():
@@ -139,7 +148,7 @@ def test_nibble_packing_round_trips():
 
 
 @pytest.mark.parametrize("scheme", SCHEMES, ids=lambda s: f"{s[0]}-g{s[1]}")
-def test_greedy_generate_works_and_the_dequantize_path_gives_the_same_tokens(checkpoint_factory, scheme):
+def test_greedy_generate_works_and_the_dequantize_path_gives_the_same_tokens(checkpoint_factory, scheme, cpu_kernels):
     model = load(checkpoint_factory("clip_llama"), scheme)
     ids, mask, pixels = sample_inputs(batch=2, pad=(0, 4))
     packed = model.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, max_new_tokens=8, do_sample=False)
@@ -176,7 +185,7 @@ def test_bf16_greedy_generate_with_images(checkpoint_factory):
 @pytest.mark.parametrize("family", ["clip_llama", "siglip_qwen2"])
 @pytest.mark.parametrize("scheme", SCHEMES, ids=lambda s: f"{s[0]}-g{s[1]}")
 def test_save_and_reload_gives_identical_logits_without_requantizing(checkpoint_factory, tmp_path, monkeypatch,
-                                                                     family, scheme):
+                                                                     family, scheme, cpu_kernels):
     directory = checkpoint_factory(family)
     model = load(directory, scheme, dtype=torch.bfloat16)
     before, _ = logits(model)
@@ -385,10 +394,13 @@ def test_foreign_or_inconsistent_quantized_checkpoints_are_errors(checkpoint_fac
 # Fallbacks
 
 
-def test_int4_output_width_the_cpu_kernel_refuses_is_padded_to_its_tile(odd_vocab_checkpoint, tmp_path):
+def test_int4_output_width_the_cpu_kernel_refuses_is_padded_to_its_tile(odd_vocab_checkpoint, tmp_path, cpu_kernels):
     model = load(odd_vocab_checkpoint, ("int4", 32))
     head = model.lm_head
-    assert head.out_features == 120 and head.kernel == "int4pack" and head.kernel_weight.shape[0] == 128
+    kernel = "gemv" if cpu_kernels == "fastllava-gemv" else "int4pack"
+    assert head.out_features == 120 and head.kernel == kernel
+    if kernel == "int4pack":
+        assert head.kernel_weight.shape[0] == 128
     got, valid = logits(model)
     assert got.shape[-1] == 120
     want, _ = logits(_fake_quantized_float_model(odd_vocab_checkpoint, model))
@@ -398,7 +410,7 @@ def test_int4_output_width_the_cpu_kernel_refuses_is_padded_to_its_tile(odd_voca
     set_kernel(model, "auto")
     model.save_pretrained(tmp_path)
     again = LM.from_pretrained(tmp_path)
-    assert again.lm_head.kernel == "int4pack"
+    assert again.lm_head.kernel == kernel
     assert torch.equal(got, logits(again)[0])
 
 
@@ -416,16 +428,17 @@ def test_group_size_that_does_not_divide_a_layer_keeps_it_in_full_precision(chec
 
 
 @pytest.mark.parametrize("scheme", SCHEMES, ids=lambda s: f"{s[0]}-g{s[1]}")
-def test_dequantize_path_matches_the_packed_kernels_in_every_activation_dtype(checkpoint_factory, scheme):
+def test_dequantize_path_matches_the_packed_kernels_in_every_activation_dtype(checkpoint_factory, scheme, cpu_kernels):
     model = load(checkpoint_factory("clip_llama"), scheme)
-    for dtype, tolerance in ((torch.float32, 1e-5), (torch.bfloat16, 0.03), (torch.float16, 3e-3)):
+    for (dtype, tolerance), rows in itertools.product(
+            ((torch.float32, 1e-5), (torch.bfloat16, 0.03), (torch.float16, 3e-3)), (1, 3, 7)):
         layer = model.model.language_model.layers[0].mlp.down_proj
-        x = torch.randn(3, 5, layer.in_features).to(dtype)
+        x = torch.randn(3, rows, layer.in_features).to(dtype)  # 3 and 9 rows: GEMV, 21: the many-row path
         set_kernel(model, "auto")
         packed = layer(x).float()
         set_kernel(model, "dequant")
         plain = layer(x).float()
-        assert packed.shape == (3, 5, layer.out_features)
+        assert packed.shape == (3, rows, layer.out_features)
         assert ((packed - plain).abs().max() / plain.abs().max()).item() <= tolerance, dtype
     set_kernel(model, "auto")
 
@@ -473,7 +486,7 @@ def test_cli_loader_passes_quantize_through(tmp_path):
 # The benchmark script's parts run at toy size (the real run: python benchmarks/bench_quantization.py)
 
 
-def test_benchmark_parts_run_on_a_toy_model(tmp_path, capsys):
+def test_benchmark_parts_run_on_a_toy_model(tmp_path, capsys, cpu_kernels):
     import importlib.util
     from pathlib import Path
 
@@ -484,8 +497,12 @@ def test_benchmark_parts_run_on_a_toy_model(tmp_path, capsys):
     config = bench.toy_llava_interleave_config()
     directory, _ = bench.make_random_checkpoint(tmp_path / "toy", config)
     gemv = bench.bench_gemv(config, rounds=1, budget_s=0.001, group_sizes=[32, 64], working_set=1 << 20)
-    assert {row["path"] for row in gemv if row["layer"] == "lm_head"} == {
-        "bf16", "int8 int8pack", "int4-g32 int4pack", "int4-g64 int4pack", "int8 dequant", "int4-g64 dequant"}
+    if cpu_kernels == "fastllava-gemv":
+        expected = {"bf16", "bf16 gemv", "int8 gemv", "int4-g32 gemv", "int4-g64 gemv", "int8 int8pack",
+                    "int4-g64 int4pack", "int8 dequant", "int4-g64 dequant"}
+    else:
+        expected = {"bf16", "int8 int8pack", "int4-g32 int4pack", "int4-g64 int4pack", "int8 dequant", "int4-g64 dequant"}
+    assert {row["path"] for row in gemv if row["layer"] == "lm_head"} == expected
     for scheme in ("bf16", "int8", "int4"):
         result = bench.measure_decode(scheme, str(directory), new_tokens=3, prompt_tokens=4, touch=True)
         assert result["decode_tok_s"] > 0 and len(result["tokens"]) == 3

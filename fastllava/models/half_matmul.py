@@ -6,14 +6,17 @@ product took 460 ms in bf16 and 92 ms when both operands were first converted to
 float32 GEMM); a 14x14 patch-embedding convolution on a 384 px image took 405 ms in bf16 and 20 ms in float32.
 So products with many rows (prefill, vision towers, training) are computed in float32 from the bf16 operands and
 rounded back to bf16 once: the same inputs, float32 accumulation like the native kernel, only the summation
-order differs (measured: 0.01% of outputs differ, by one bf16 ulp). Few-row products (decode, GEMV) stay native:
-converting the whole weight per token costs more than it saves there (crossover measured at 8-16 rows).
+order differs (measured: 0.01% of outputs differ, by one bf16 ulp). Few-row products (decode, GEMV) cannot
+afford converting the whole weight per token (crossover measured at 8-16 rows): they go through fastllava's C++
+GEMV (``fastllava/kernels/gemv.cpp``: one weight stream at near read bandwidth, float32 accumulation, on any CPU
+with AVX2, 1.4-3x torch's bf16 GEMV) when it could be built, else torch's native kernel.
 
 Attention is the same story: one decode query over 800 cached bf16 tokens measured 7x slower than over float32
 ones, so caches of half-precision models on such CPUs store float32 (``kv_cache_dtype``).
 
 ``FASTLLAVA_HALF_MATMUL`` = ``auto`` (default: float32 when the CPU lacks bf16 arithmetic), ``float32`` or
-``native`` overrides the choice.
+``native`` (torch's own kernels for every product, the GEMV kernels included) overrides the choice;
+``FASTLLAVA_KERNELS=0`` turns off only the C++ kernels.
 """
 
 from __future__ import annotations
@@ -25,8 +28,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastllava.kernels.build import gemv_kernels_available
+
 HALF_DTYPES = (torch.bfloat16, torch.float16)
-MIN_ROWS_IN_FLOAT32 = 16  # below this, the native kernel wins (see the module docstring)
+MIN_ROWS_IN_FLOAT32 = 16  # below this, a GEMV kernel wins (see the module docstring)
 
 
 @functools.lru_cache(maxsize=None)
@@ -36,11 +41,16 @@ def cpu_has_half_arithmetic() -> bool:
     return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
 
 
-def half_products_in_float32() -> bool:
-    """Whether CPU bf16/fp16 products with many rows are computed in float32 (see the module docstring)."""
+def _choice() -> str:
     choice = os.environ.get("FASTLLAVA_HALF_MATMUL", "auto").strip().lower()
     if choice not in ("auto", "float32", "native"):
         raise ValueError(f"FASTLLAVA_HALF_MATMUL={choice!r}: expected auto, float32 or native")
+    return choice
+
+
+def half_products_in_float32() -> bool:
+    """Whether CPU bf16/fp16 products with many rows are computed in float32 (see the module docstring)."""
+    choice = _choice()
     return choice == "float32" or (choice == "auto" and not cpu_has_half_arithmetic())
 
 
@@ -53,9 +63,24 @@ def _float(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.float()
 
 
+def few_row_kernel_applies(x: torch.Tensor, weight: torch.Tensor, rows: int) -> bool:
+    """Whether fastllava's C++ GEMV takes this product: few rows, CPU, no autograd, and the kernels built."""
+    if rows >= MIN_ROWS_IN_FLOAT32 or x.device.type != "cpu" or weight.device.type != "cpu":
+        return False
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        return False  # the kernels have no backward
+    return _choice() != "native" and gemv_kernels_available()
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear``, computed in float32 for many-row half-precision inputs on CPUs without half arithmetic."""
-    if x.dim() and _upcast(x, x.numel() // max(1, x.shape[-1])):
+    """``F.linear``; many-row half-precision products in float32 on CPUs without half arithmetic, few-row ones
+    through the C++ GEMV (see the module docstring)."""
+    if not x.dim() or x.dtype not in HALF_DTYPES:
+        return F.linear(x, weight, bias)
+    rows = x.numel() // max(1, x.shape[-1])
+    if weight.dtype in HALF_DTYPES and weight.is_contiguous() and few_row_kernel_applies(x, weight, rows):
+        return torch.ops.fastllava.gemv(x, weight, bias)
+    if _upcast(x, rows):
         return F.linear(x.float(), weight.float(), _float(bias)).to(x.dtype)
     return F.linear(x, weight, bias)
 

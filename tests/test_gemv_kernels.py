@@ -1,0 +1,142 @@
+"""fastllava's C++ GEMV kernels (fastllava/kernels/gemv.cpp) against float64 references: every weight format,
+row counts on both sides of the register tiles, widths with tails, bias, leading dimensions, threads, the
+shapes torch.compile sees, and clear errors. The build itself is required here (g++ and ninja are on every
+machine this project runs CI on): a failed build fails these tests."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastllava.kernels import build
+from fastllava.quantization import dequantize_int4, quantize_int4, quantize_int8
+
+
+@pytest.fixture(scope="module", autouse=True)
+def kernels():
+    assert build.load(), "the C++ kernels did not build"
+    return torch.ops.fastllava
+
+
+def reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    return F.linear(x.double(), weight.double(), None if bias is None else bias.double())
+
+
+def assert_close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> None:
+    """float32 accumulation, then one rounding to the output dtype: within an ulp of that dtype (plus fp32 sums)."""
+    assert got.dtype == dtype and got.shape == want.shape
+    ulp = {torch.bfloat16: 2 ** -8, torch.float16: 2 ** -11, torch.float32: 2 ** -20}[dtype]
+    error = (got.double() - want).abs()
+    assert bool((error <= want.abs() * ulp + 1e-4 * want.abs().max()).all()), error.max().item()
+
+
+@pytest.mark.parametrize("weight_dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 7, 9, 15])
+@pytest.mark.parametrize("width", [8, 37, 64, 200])
+def test_half_precision_weights(kernels, weight_dtype, rows, width):
+    torch.manual_seed(rows * 1000 + width)
+    weight = torch.randn(67, width).to(weight_dtype)  # 67 outputs: no row count is special
+    x = torch.randn(rows, width).to(weight_dtype)
+    assert_close(kernels.gemv(x, weight), reference(x, weight), weight_dtype)
+
+
+def test_bias_leading_dimensions_and_float32_input(kernels):
+    torch.manual_seed(0)
+    weight = torch.randn(40, 96, dtype=torch.bfloat16)
+    bias = torch.randn(40, dtype=torch.bfloat16)
+    x = torch.randn(2, 3, 96, dtype=torch.bfloat16)
+    assert_close(kernels.gemv(x, weight, bias), reference(x, weight, bias), torch.bfloat16)
+    strided = torch.randn(3, 192, dtype=torch.bfloat16)[:, ::2]  # not contiguous
+    assert_close(kernels.gemv(strided, weight), reference(strided, weight), torch.bfloat16)
+    x32 = torch.randn(2, 96)
+    assert_close(kernels.gemv(x32, weight), reference(x32, weight), torch.float32)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 8])
+def test_int8(kernels, rows):
+    torch.manual_seed(rows)
+    weight = torch.randn(53, 136) * 0.05
+    codes, scales = quantize_int8(weight, torch.bfloat16)
+    bias = torch.randn(53)
+    x = torch.randn(rows, 136, dtype=torch.bfloat16)
+    dequantized = codes.double() * scales.double()[:, None]
+    assert_close(kernels.gemv_int8(x, codes, scales, bias), reference(x, dequantized, bias), torch.bfloat16)
+    x32 = torch.randn(rows, 136)
+    assert_close(kernels.gemv_int8(x32, codes, scales), reference(x32, dequantized), torch.float32)
+
+
+@pytest.mark.parametrize("group", [32, 64, 128, 256])
+@pytest.mark.parametrize("rows", [1, 2, 3, 6])
+def test_int4(kernels, group, rows):
+    torch.manual_seed(group + rows)
+    width = 512
+    weight = torch.randn(45, width) * 0.05
+    for scale_dtype in (torch.bfloat16, torch.float32):
+        packed, scales, zeros = quantize_int4(weight, group, scale_dtype)
+        dequantized = dequantize_int4(packed, scales, zeros, torch.float64)
+        x = torch.randn(rows, width)
+        got = kernels.gemv_int4(x, packed, scales, zeros, group)
+        assert_close(got, reference(x, dequantized), torch.float32)
+        bias = torch.randn(45)
+        xb = x.bfloat16()
+        assert_close(kernels.gemv_int4(xb, packed, scales, zeros, group, bias), reference(xb, dequantized, bias),
+                     torch.bfloat16)
+
+
+def test_results_do_not_depend_on_the_thread_count(kernels):
+    torch.manual_seed(0)
+    weight = torch.randn(4096, 256, dtype=torch.bfloat16)
+    x = torch.randn(3, 256, dtype=torch.bfloat16)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = kernels.gemv(x, weight)
+        torch.set_num_threads(2)
+        two = kernels.gemv(x, weight)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, two)  # rows are split across threads, each output's sum is the same
+
+
+def test_meta_tensors_give_output_shapes(kernels):
+    x = torch.empty(2, 5, 64, device="meta", dtype=torch.bfloat16)
+    assert kernels.gemv(x, torch.empty(48, 64, device="meta", dtype=torch.bfloat16)).shape == (2, 5, 48)
+    codes = torch.empty(48, 32, device="meta", dtype=torch.uint8)
+    scales = torch.empty(48, 1, device="meta")
+    assert kernels.gemv_int4(x, codes, scales, scales, 64).shape == (2, 5, 48)
+
+
+def test_bad_inputs_are_clear_errors(kernels):
+    weight = torch.randn(16, 64, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="input width 32 does not match the weight's 64"):
+        kernels.gemv(torch.randn(1, 32, dtype=torch.bfloat16), weight)
+    with pytest.raises(RuntimeError, match="weights must be bf16 or fp16"):
+        kernels.gemv(torch.randn(1, 64), weight.float())
+    with pytest.raises(RuntimeError, match="must be contiguous"):
+        kernels.gemv(torch.randn(1, 64, dtype=torch.bfloat16), weight.t().contiguous().t())
+    codes, scales = quantize_int8(torch.randn(16, 64), torch.float32)
+    with pytest.raises(RuntimeError, match="15 scales for 16 rows"):
+        kernels.gemv_int8(torch.randn(1, 64), codes, scales[:15])
+    packed, s, z = quantize_int4(torch.randn(16, 64), 32, torch.float32)
+    with pytest.raises(RuntimeError, match="group size 48 does not divide"):
+        kernels.gemv_int4(torch.randn(1, 64), packed, s, z, 48)
+    with pytest.raises(RuntimeError, match="group size 16 is not one of"):
+        kernels.gemv_int4(torch.randn(1, 64), packed, s.repeat(1, 2), z.repeat(1, 2), 16)
+
+
+def test_disabled_by_environment(monkeypatch):
+    monkeypatch.setitem(build._state, "unused", True)
+    monkeypatch.setenv("FASTLLAVA_KERNELS", "0")
+    assert not build.kernels_enabled()
+    monkeypatch.setenv("FASTLLAVA_KERNELS", "maybe")
+    with pytest.raises(ValueError, match="FASTLLAVA_KERNELS='maybe'"):
+        build.kernels_enabled()
+
+
+def test_a_failed_build_falls_back_with_a_warning(monkeypatch, tmp_path):
+    monkeypatch.delitem(build._state, "loaded")
+    monkeypatch.setenv("FASTLLAVA_CACHE", str(tmp_path))
+    monkeypatch.setattr(build, "_FLAGS", build._FLAGS + ["-fno-such-flag"])
+    with pytest.warns(RuntimeWarning, match="C\\+\\+ kernels unavailable"):
+        assert build.load() is False
