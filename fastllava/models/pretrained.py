@@ -205,6 +205,14 @@ class PreTrainedModel(nn.Module):
         self.tie_weights()
         if quantizer is not None:
             quantizer.finish(self)
+        if device.type == "cpu" and hasattr(self, "lm_head"):
+            from fastllava.models.huge_pages import move_to_huge_pages
+
+            def release(name: str) -> None:
+                if name in found:
+                    reader.release(found[name])
+
+            move_to_huge_pages(self, release)
 
     def _assign(self, name: str, tensor: torch.Tensor) -> None:
         module_name, _, attr = name.rpartition(".")
