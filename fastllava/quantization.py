@@ -788,10 +788,10 @@ class WeightQuantizer:
                     raise QuantizationError(f"{name}.{key} was not loaded: the checkpoint lacks it")
             module.finish_load()
         model.config.quantization_config = self.qconfig.to_dict()
-        _return_free_memory()
+        return_free_memory()
 
 
-def _return_free_memory() -> None:
+def return_free_memory() -> None:
     """Hand the allocator's free pages back to the OS (glibc keeps freed blocks between live ones resident):
     quantizing leaves many freed temporaries behind the long-lived codes. A no-op where there is no glibc."""
     try:

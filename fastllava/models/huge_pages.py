@@ -24,6 +24,7 @@ from torch import nn
 
 HUGE_PAGE_BYTES = 2 << 20
 _ALIGN = 64  # each tensor starts on a cache line
+_TRIM_EVERY = 32 << 20  # hand freed sources back to the OS every 32 MiB copied: peak memory stays ~flat
 _THP_SETTING = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 
 
@@ -66,11 +67,12 @@ def move_to_huge_pages(model: nn.Module, release: Callable[[str], None] | None =
     if not huge_pages_available():
         return 0
     slots = list(decode_weight_slots(model))
-    unique: dict[int, torch.Tensor] = {}  # tied weights (lm_head = embed_tokens) are moved once
+    sizes: dict[int, int] = {}  # by address: tied weights (lm_head = embed_tokens) are moved once
     for _, module, attr in slots:
         tensor = getattr(module, attr)
-        unique.setdefault(tensor.data_ptr(), tensor)
-    total = sum(-(-t.nbytes // _ALIGN) * _ALIGN for t in unique.values())
+        sizes[tensor.data_ptr()] = -(-tensor.nbytes // _ALIGN) * _ALIGN
+    del tensor  # no reference may outlive its copy: each source is freed right after it is copied
+    total = sum(sizes.values())
     if total == 0:
         return 0
     region = mmap.mmap(-1, total + HUGE_PAGE_BYTES, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
@@ -81,27 +83,41 @@ def move_to_huge_pages(model: nn.Module, release: Callable[[str], None] | None =
         return 0
     base = torch.frombuffer(region, dtype=torch.uint8)  # keeps the mapping alive as long as any view of it
     offset = -base.data_ptr() % HUGE_PAGE_BYTES  # huge pages cover 2 MiB-aligned ranges only
-    moved: dict[int, torch.Tensor] = {}
-    for name, module, attr in slots:
+    from fastllava.quantization import return_free_memory
+
+    done: set[int] = set()
+    since_trim = 0
+    for _, module, attr in slots:
         tensor = getattr(module, attr)
-        key = tensor.data_ptr()
-        if key not in moved:
-            view = base[offset:offset + tensor.nbytes].view(tensor.dtype).view(tensor.shape)
-            view.copy_(tensor)
-            offset += -(-tensor.nbytes // _ALIGN) * _ALIGN
-            moved[key] = view
-            _replace_everywhere(model, tensor, view)  # every module sharing it (a tied embedding) follows
+        if tensor.data_ptr() in done:
+            continue
+        view = base[offset:offset + tensor.nbytes].view(tensor.dtype).view(tensor.shape)
+        view.copy_(tensor)
+        offset += -(-tensor.nbytes // _ALIGN) * _ALIGN
+        done.add(view.data_ptr())
+        # every module holding it (a tied embedding too) follows; then its source pages can go
+        for name in _replace_everywhere(model, tensor, view):
+            if release is not None:
+                release(name)
+        since_trim += tensor.nbytes
         del tensor
-        if release is not None:
-            release(f"{name}.{attr}")
+        if since_trim >= _TRIM_EVERY:  # quantized sources are heap memory glibc keeps until asked
+            return_free_memory()
+            since_trim = 0
+    return_free_memory()
     return total
 
 
-def _replace_everywhere(model: nn.Module, old: torch.Tensor, view: torch.Tensor) -> None:
-    for module in model.modules():
+def _replace_everywhere(model: nn.Module, old: torch.Tensor, view: torch.Tensor) -> list[str]:
+    """Point every parameter/buffer that is ``old`` at ``view``; returns their names."""
+    names = []
+    for module_name, module in model.named_modules():
         for attr, tensor in list(module._parameters.items()):
             if tensor is not None and tensor.data_ptr() == old.data_ptr() and tensor.shape == old.shape:
                 tensor.data = view  # the same Parameter object: ties to it still hold
+                names.append(f"{module_name}.{attr}")
         for attr, tensor in list(module._buffers.items()):
             if tensor is not None and tensor.data_ptr() == old.data_ptr() and tensor.shape == old.shape:
                 module._buffers[attr] = view
+                names.append(f"{module_name}.{attr}")
+    return names
