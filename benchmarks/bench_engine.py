@@ -193,11 +193,9 @@ def run_transformers(model, prompts: list[dict], new_tokens: int, pad: int) -> d
         out = model.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, max_new_tokens=new_tokens,
                              min_new_tokens=new_tokens, do_sample=False, logits_processor=LogitsProcessorList([clock]),
                              pad_token_id=pad)
-    total = time.perf_counter() - start
-    ttft = clock.times[0] - start
-    gaps = [b - a for a, b in zip(clock.times, clock.times[1:])]
-    return {"total_s": total, "ttft": [ttft] * len(prompts), "itl": gaps * len(prompts),
-            "tokens": [row[longest:].tolist() for row in out], "prefill_s": ttft}
+    # every row gets its tokens at the same steps
+    return {"start": start, "stamps": [list(clock.times)] * len(prompts),
+            "tokens": [row[longest:].tolist() for row in out]}
 
 
 def run_engine(engine, prompts: list[dict], new_tokens: int, tag: str) -> dict[str, Any]:
@@ -216,11 +214,19 @@ def run_engine(engine, prompts: list[dict], new_tokens: int, tag: str) -> dict[s
             stamps[out.request_id].extend([now] * len(out.outputs[0].token_ids_delta))
             if out.finished:
                 tokens[out.request_id] = out.outputs[0].token_ids
-    total = time.perf_counter() - start
-    ttft = [s[0] - start for s in stamps.values()]
-    itl = [b - a for s in stamps.values() for a, b in zip(s, s[1:])]
-    return {"total_s": total, "ttft": ttft, "itl": itl, "tokens": [tokens[f"{tag}-{i}"] for i in range(len(prompts))],
-            "prefill_s": max(ttft)}
+    return {"start": start, "stamps": [stamps[f"{tag}-{i}"] for i in range(len(prompts))],
+            "tokens": [tokens[f"{tag}-{i}"] for i in range(len(prompts))]}
+
+
+def first_tokens_view(result: dict[str, Any], new_tokens: int) -> dict[str, Any]:
+    """The measures of a run that stopped after ``new_tokens`` tokens, read off a longer run's timestamps: with
+    EOS ignored, every request's first N steps are the same work whether it goes on afterwards or not (in
+    transformers' batched generate and in the engine, where no request finishes before step N either)."""
+    start, stamps = result["start"], [s[:new_tokens] for s in result["stamps"]]
+    ttft = [s[0] - start for s in stamps]
+    return {"total_s": max(s[-1] for s in stamps) - start, "ttft": ttft, "prefill_s": max(ttft),
+            "itl": [b - a for s in stamps for a, b in zip(s, s[1:])],
+            "tokens": [t[:new_tokens] for t in result["tokens"]]}
 
 
 def prefill_flops(model, prompts: list[dict], images: int, image_tokens: int) -> float:
@@ -232,14 +238,25 @@ def prefill_flops(model, prompts: list[dict], images: int, image_tokens: int) ->
     return 2 * text * tokens + 2 * vision * images * image_tokens
 
 
-def compare(name: str, prompts: list[dict], new_tokens: int, ours, theirs, engine_kwargs: dict, floor: float,
+def compare(name: str, prompts: list[dict], lengths: list[int], ours, theirs, engine_kwargs: dict, floor: float,
             images: int, pad: int) -> list[dict[str, Any]]:
+    """One run of each library to the longest of ``lengths``; rows for every length (first_tokens_view)."""
     from fastllava.engine import Engine
 
-    theirs_result = run_transformers(theirs, prompts, new_tokens, pad)
+    longest = max(lengths)
+    theirs_run = run_transformers(theirs, prompts, longest, pad)
     engine = Engine(ours, None, max_num_seqs=len(prompts), **engine_kwargs)
-    ours_result = run_engine(engine, prompts, new_tokens, name)
+    ours_run = run_engine(engine, prompts, longest, name)
     stats = engine.stats()
+    rows = []
+    for new_tokens in sorted(lengths):
+        rows += compare_rows(name, prompts, new_tokens, first_tokens_view(ours_run, new_tokens),
+                             first_tokens_view(theirs_run, new_tokens), stats, floor, images, longest)
+    return rows
+
+
+def compare_rows(name: str, prompts: list[dict], new_tokens: int, ours_result: dict, theirs_result: dict,
+                 stats: dict, floor: float, images: int, run_tokens: int) -> list[dict[str, Any]]:
     generated = len(prompts) * new_tokens
     rows = []
     for library, result in (("fastllava-engine", ours_result), ("transformers", theirs_result)):
@@ -248,10 +265,10 @@ def compare(name: str, prompts: list[dict], new_tokens: int, ours, theirs, engin
                      "total_s": result["total_s"], "tok_s": generated / result["total_s"],
                      "ttft_p50_s": statistics.median(result["ttft"]), "ttft_p95_s": quantile(result["ttft"], 0.95),
                      "itl_p50_s": quantile(result["itl"], 0.5), "itl_p95_s": quantile(result["itl"], 0.95),
-                     "prefill_s": result["prefill_s"], "prefill_floor_s": floor})
+                     "prefill_s": result["prefill_s"], "prefill_floor_s": floor, "run_new_tokens": run_tokens})
     same = sum(a == b for a, b in zip(ours_result["tokens"], theirs_result["tokens"]))
     rows.append({"bench": name, "library": "ratio", "requests": len(prompts), "images": images,
-                 "tok_s": rows[0]["tok_s"] / rows[1]["tok_s"],
+                 "new_tokens": new_tokens, "tok_s": rows[0]["tok_s"] / rows[1]["tok_s"],
                  "ttft_p50_s": rows[0]["ttft_p50_s"] / rows[1]["ttft_p50_s"],
                  "prefill_s": rows[0]["prefill_s"] / rows[1]["prefill_s"],
                  "prefill_over_floor": rows[0]["prefill_s"] / floor,
@@ -351,20 +368,18 @@ def main() -> None:
     theirs = None
     if {"throughput", "shared-images"} & set(args.only):
         theirs = transformers.LlavaForConditionalGeneration.from_pretrained(directory, dtype=dtype).eval()
-    for new_tokens in args.new_tokens:
-        if "throughput" in args.only:
-            for count in args.concurrency:
-                prompts = [factory.make(factory.image(), factory.question(20 + 3 * i)) for i in range(count)]
-                floor = prefill_flops(ours, prompts, count, factory.image_tokens) / (gflops * 1e9)
-                report(compare("distinct-images", prompts, new_tokens, ours, theirs, engine_kwargs, floor, count,
-                                      factory.pad))
-        if "shared-images" in args.only:
-            count = args.shared_requests
-            images = [factory.image() for _ in range(max(1, count // 4))]
-            prompts = [factory.make(images[i % len(images)], factory.question(20 + 3 * i)) for i in range(count)]
-            floor = prefill_flops(ours, prompts, len(images), factory.image_tokens) / (gflops * 1e9)
-            report(compare("shared-images", prompts, new_tokens, ours, theirs, engine_kwargs, floor, len(images),
-                                  factory.pad))
+    lengths = sorted(set(args.new_tokens))  # one run per workload, to the longest; shorter ones read off it
+    if "throughput" in args.only:
+        for count in args.concurrency:
+            prompts = [factory.make(factory.image(), factory.question(20 + 3 * i)) for i in range(count)]
+            floor = prefill_flops(ours, prompts, count, factory.image_tokens) / (gflops * 1e9)
+            report(compare("distinct-images", prompts, lengths, ours, theirs, engine_kwargs, floor, count, factory.pad))
+    if "shared-images" in args.only:
+        count = args.shared_requests
+        images = [factory.image() for _ in range(max(1, count // 4))]
+        prompts = [factory.make(images[i % len(images)], factory.question(20 + 3 * i)) for i in range(count)]
+        floor = prefill_flops(ours, prompts, len(images), factory.image_tokens) / (gflops * 1e9)
+        report(compare("shared-images", prompts, lengths, ours, theirs, engine_kwargs, floor, len(images), factory.pad))
     memory = memory_status()
     report([{"bench": "memory", "peak_rss_gib": memory.get("hwm", memory["ru_maxrss"]) / 2 ** 30}])
     columns = ["bench", "library", "requests", "new_tokens", "total_s", "tok_s", "ttft_p50_s", "ttft_p95_s",

@@ -34,17 +34,21 @@ def test_toy_run_reports_ratios_and_identical_outputs(tmp_path, monkeypatch, cap
     threads = torch.get_num_threads()
     monkeypatch.setattr(sys, "argv", ["bench_engine.py", "--toy", "--out", str(tmp_path), "--threads", "1",
                                       "--only", "throughput", "shared-images", "repeat", "--concurrency", "2",
-                                      "--new-tokens", "4"])
+                                      "--new-tokens", "2", "4"])
     try:
         bench.main()
     finally:
         torch.set_num_threads(threads)
     records = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
-    by = {(r["bench"], r.get("library")): r for r in records}
+    by = {(r["bench"], r.get("library"), r.get("new_tokens")): r for r in records}
     for name in ("distinct-images", "shared-images"):
-        assert by[(name, "fastllava-engine")]["tok_s"] > 0 and by[(name, "transformers")]["tok_s"] > 0
-        ratio = by[(name, "ratio")]
-        assert ratio["identical_outputs"] == f"{ratio['requests']}/{ratio['requests']}"
+        for new_tokens in (2, 4):  # one run to 4 tokens; the 2-token rows are read off its first 2 steps
+            ours, theirs = by[(name, "fastllava-engine", new_tokens)], by[(name, "transformers", new_tokens)]
+            assert ours["tok_s"] > 0 and theirs["tok_s"] > 0 and ours["run_new_tokens"] == 4
+            ratio = by[(name, "ratio", new_tokens)]
+            assert ratio["identical_outputs"] == f"{ratio['requests']}/{ratio['requests']}"
+        assert by[(name, "transformers", 2)]["total_s"] < by[(name, "transformers", 4)]["total_s"]
+    by = {(r["bench"], r.get("library")): r for r in records}
     assert by[("shared-images", "ratio")]["image_cache_hits"] >= 1
     assert by[("repeat-image-ttft", None)]["cached_tokens"] > 0
     assert by[("second-turn-ttft", None)]["cached_tokens"] > by[("repeat-image-ttft", None)]["cached_tokens"]
