@@ -710,21 +710,77 @@ def _array_to_pil(image: Any, layout: str) -> Image.Image:
 
 
 def _fast_one(image: Any, options: dict[str, Any], out: np.ndarray, input_data_format: str | None = None) -> None:
-    """Convert, pad, resize (only the kept window), crop and map values of one image into out (3, H, W)."""
-    if isinstance(image, Image.Image):
-        pil = _as_rgb_pil(image, options)
-    else:
-        pil = _array_to_pil(image, _uint8_rgb_layout(image, input_data_format))
+    """Convert, pad, resize (only the kept window), crop and map values of one image into out (3, H, W).
+
+    The resize is the C++ kernel (``pil_resample.kernel_resize``: Pillow's integers, computed for the window
+    only, values mapped by the table in the same pass) where it is available and handles the filter; otherwise
+    Pillow's own, given an exact box (``_resize_window``)."""
+    kernel = pil_resample.kernel_available(options["resample"])
+    layout = None if isinstance(image, Image.Image) else _uint8_rgb_layout(image, input_data_format)
+    if kernel and layout is not None and not options["do_pad"]:
+        _kernel_one(_array_planes(image, layout), image.shape[1:] if layout == "chw" else image.shape[:2],
+                    options, out)
+        return
+    pil = _as_rgb_pil(image, options) if layout is None else _array_to_pil(image, layout)
     if options["do_pad"]:
         pil = _pad_square_pil(pil, options["image_mean"])
+    if kernel:
+        source, channels, keep = pil_resample.pil_source(pil)
+        _kernel_one([(source, 0)], (pil.height, pil.width), options, out)
+        del keep
+        return
     height, width = _output_size(pil.height, pil.width, options["size"])
-    if options["do_center_crop"]:
-        crop = options["crop_size"]
-        (sy, ny, dy), (sx, nx, dx) = _crop_window(height, crop["height"]), _crop_window(width, crop["width"])
-    else:
-        (sy, ny, dy), (sx, nx, dx) = (0, height, 0), (0, width, 0)
+    (sy, ny, dy), (sx, nx, dx) = _windows(height, width, options)
     pixels = _resize_window(pil, (height, width), options["resample"], (sy, ny), (sx, nx))  # (ny, nx, 3) uint8
     _write_values(pixels, out, dy, dx, options)
+
+
+def _windows(height: int, width: int, options: dict[str, Any]) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+    """(start, count, offset) per axis: the part of the resized image the centre crop keeps and where it lands."""
+    if options["do_center_crop"]:
+        crop = options["crop_size"]
+        return _crop_window(height, crop["height"]), _crop_window(width, crop["width"])
+    return (0, height, 0), (0, width, 0)
+
+
+def _array_planes(image: Any, layout: str) -> list[tuple[torch.Tensor, int]]:
+    """A 3-channel uint8 array/tensor as kernel sources: [(HWC view, first channel 0)] or one (H, W, 1) view per
+    plane of a CHW one [(plane, channel c)], without copying where the pixels are already contiguous."""
+    tensor = image if isinstance(image, torch.Tensor) else torch.from_numpy(
+        image if image.flags.writeable else np.array(image))
+    if layout == "hwc":
+        if tensor.stride(2) != 1 or tensor.stride(1) != 3:
+            tensor = tensor.contiguous()
+        return [(tensor, 0)]
+    planes = []
+    for channel in range(3):
+        plane = tensor[channel]
+        if plane.stride(1) != 1:
+            plane = plane.contiguous()
+        planes.append((plane.unsqueeze(-1), channel))
+    return planes
+
+
+def _kernel_one(sources: list[tuple[torch.Tensor, int]], shape: tuple[int, int], options: dict[str, Any],
+                out: np.ndarray) -> None:
+    """Resize (the kept window only) and map the values of sources [(H, W, P) uint8, first channel] into out."""
+    height, width = _output_size(int(shape[0]), int(shape[1]), options["size"])
+    (sy, ny, dy), (sx, nx, dx) = _windows(height, width, options)
+    table = _value_table(options, 3)  # (3, 256)
+    if (ny, nx) != out.shape[1:]:
+        out[...] = table[:, :1, None]  # a crop larger than the image: transformers' zero padding, mapped
+    target = torch.from_numpy(out)
+    for source, channel in sources:
+        channels = min(3 - channel, int(source.shape[2]), 3)
+        pil_resample.kernel_resize(source, channels, (height, width), options["resample"], (sy, ny), (sx, nx),
+                                   out=target[channel : channel + channels],
+                                   table=_table_tensor(table, channel, channels), dy=dy, dx=dx)
+
+
+def _table_tensor(table: np.ndarray, channel: int, channels: int) -> torch.Tensor:
+    if channel == 0 and channels == table.shape[0]:
+        return torch.from_numpy(table)
+    return torch.from_numpy(np.ascontiguousarray(table[channel : channel + channels]))
 
 
 def _resize_window(image: Image.Image, size: tuple[int, int], resample: int, rows: tuple[int, int],

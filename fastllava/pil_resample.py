@@ -22,6 +22,7 @@ products run in float64 instead.
 
 from __future__ import annotations
 
+import ctypes
 import math
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -30,7 +31,8 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-__all__ = ["NEAREST", "LANCZOS", "BILINEAR", "BICUBIC", "BOX", "HAMMING", "resize", "pillow_box"]
+__all__ = ["NEAREST", "LANCZOS", "BILINEAR", "BICUBIC", "BOX", "HAMMING", "resize", "pillow_box", "kernel_available",
+           "kernel_resize", "pil_source"]
 
 # Pillow's Image.Resampling numbering (stored as "resample" in preprocessor_config.json).
 NEAREST, LANCZOS, BILINEAR, BICUBIC, BOX, HAMMING = 0, 1, 2, 3, 4, 5
@@ -381,3 +383,107 @@ def _vertical_first(in_h: int, in_w: int, height: int, width: int) -> bool:
     if _PILLOW >= (12, 2):  # Image.resize's special case for very tall images
         return in_h > in_w * 100 and height < in_h
     return False
+
+
+# --- the C++ kernel (fastllava/kernels/resample.cpp): the same integers as Pillow, on CPU, for a window ----------
+
+# Filters the kernel reproduces bit for bit (NEAREST is Pillow's affine path: Pillow itself is used for it).
+KERNEL_FILTERS = (LANCZOS, BILINEAR, BICUBIC, BOX, HAMMING)
+
+
+def kernel_available(resample: int) -> bool:
+    """True when ``torch.ops.fastllava.resample_window`` can compute this filter (builds the kernels if needed;
+    False with FASTLLAVA_KERNELS=0, without a compiler or AVX2: then callers use Pillow)."""
+    try:
+        resample = int(resample)
+    except (TypeError, ValueError):
+        return False
+    if resample not in KERNEL_FILTERS:
+        return False
+    from fastllava.kernels import build
+
+    return build.load()
+
+
+@lru_cache(maxsize=1024)
+def _window_taps(in_size: int, out_size: int, resample: int, start: int, count: int) -> torch.Tensor | None:
+    """Outputs [start, start + count) of one axis as the kernel reads them: int32 (count, 2 + ksize) rows of
+    [first input, tap count, Pillow's fixed-point coefficients]; None when Pillow does not resample the axis."""
+    if in_size == out_size:
+        return None
+    coeffs = _coefficients(in_size, out_size, resample)
+    stop = start + count
+    kint = coeffs.kint[start:stop]
+    taps = np.empty((count, 2 + kint.shape[1]), dtype=np.int32)
+    taps[:, 0] = coeffs.start[start:stop]
+    taps[:, 1] = coeffs.count[start:stop]
+    taps[:, 2:] = kint
+    return torch.from_numpy(taps)
+
+
+def kernel_resize(source: torch.Tensor, channels: int, size: tuple[int, int], resample: int,
+                  rows: tuple[int, int] | None = None, cols: tuple[int, int] | None = None,
+                  out: torch.Tensor | None = None, table: torch.Tensor | None = None, dy: int = 0,
+                  dx: int = 0) -> torch.Tensor:
+    """Pillow's ``resize(size=(height, width))`` of ``source`` (H, W, P) uint8 (pixels P bytes apart, the first
+    ``channels`` used, rows at any stride), only rows/cols (start, count) of the result, by the C++ kernel.
+
+    Without ``table``: returns the window as uint8 (rows, cols, channels). With ``table`` (channels, 256) float32:
+    writes table[c][value] into ``out`` (channels, OH, OW) float32 at [c, dy + y, dx + x] and returns ``out``.
+    Raises RuntimeError where ``kernel_available(resample)`` is False.
+    """
+    if not kernel_available(resample):
+        raise RuntimeError(f"the resample kernel is unavailable for filter {resample!r} (see kernel_available)")
+    height, width = int(size[0]), int(size[1])
+    in_h, in_w = int(source.shape[0]), int(source.shape[1])
+    resample = int(resample)
+    top, n_rows = rows if rows is not None else (0, height)
+    left, n_cols = cols if cols is not None else (0, width)
+    if not (0 <= top and n_rows >= 1 and top + n_rows <= height and 0 <= left and n_cols >= 1
+            and left + n_cols <= width):
+        raise ValueError(f"window rows={rows} cols={cols} outside the {height}x{width} resize")
+    ytaps = _window_taps(in_h, height, resample, top, n_rows)
+    xtaps = _window_taps(in_w, width, resample, left, n_cols)
+    if out is None:
+        out = torch.empty((n_rows, n_cols, channels), dtype=torch.uint8)
+    torch.ops.fastllava.resample_window(source, channels, ytaps, top, n_rows, xtaps, left, n_cols,
+                                        _vertical_first(in_h, in_w, height, width), out, table, dy, dx)
+    return out
+
+
+class _ArrowArray(ctypes.Structure):
+    pass
+
+
+_ArrowArray._fields_ = [
+    ("length", ctypes.c_int64), ("null_count", ctypes.c_int64), ("offset", ctypes.c_int64),
+    ("n_buffers", ctypes.c_int64), ("n_children", ctypes.c_int64), ("buffers", ctypes.POINTER(ctypes.c_void_p)),
+    ("children", ctypes.POINTER(ctypes.POINTER(_ArrowArray))), ("dictionary", ctypes.c_void_p),
+    ("release", ctypes.c_void_p), ("private_data", ctypes.c_void_p),
+]
+_capsule_pointer = ctypes.pythonapi.PyCapsule_GetPointer
+_capsule_pointer.restype = ctypes.c_void_p
+_capsule_pointer.argtypes = [ctypes.py_object, ctypes.c_char_p]
+_PIXEL_BYTES = {"RGB": (4, 3), "L": (1, 1)}  # Pillow's memory: RGB pixels are 4 bytes (RGBX), L pixels 1
+
+
+def pil_source(image) -> tuple[torch.Tensor, int, object]:
+    """An RGB or L PIL image as the kernel's (H, W, P) uint8 source, the number of channels, and an object to keep
+    alive while the source is used. Pillow's own pixel memory is read in place through its Arrow export when the
+    image is one block (no copy: ``np.asarray`` costs about a fifth of a resize); otherwise a numpy copy."""
+    pixel, channels = _PIXEL_BYTES[image.mode]
+    height, width = image.height, image.width
+    try:
+        image.load()
+        _, capsule = image.__arrow_c_array__()
+        array = _ArrowArray.from_address(_capsule_pointer(capsule, b"arrow_array"))
+        data = array.children[0].contents if pixel > 1 else array
+        if array.offset or data.offset or data.length != height * width * pixel:
+            raise ValueError("unexpected Arrow layout")
+        address = data.buffers[1]
+        buffer = (ctypes.c_uint8 * (height * width * pixel)).from_address(address)
+        source = torch.frombuffer(buffer, dtype=torch.uint8).view(height, width, pixel)
+        return source, channels, (capsule, buffer, image)
+    except (AttributeError, ValueError, TypeError):  # older Pillow, an image in several blocks, ...
+        array = np.array(image)  # writable copy, (H, W) or (H, W, 3)
+        return torch.from_numpy(array.reshape(height, width, -1)), channels, array

@@ -2,7 +2,8 @@
 
 Every photo (real ones from skimage.data, plus grayscale, RGBA, palette GIF, 16-bit TIFF, 1x1 and 4000x3000)
 must give the same pixel_values (max |diff| <= 1e-5) from LlavaImageProcessorPil, from LlavaImageProcessor on
-its CPU path, and from LlavaImageProcessor forced onto the banded-matmul path that accelerators use.
+its CPU path, and from LlavaImageProcessor forced onto the banded-matmul path that accelerators use. The CPU path's
+tests run twice (``cpu_kernels``): with the C++ resampler and with Pillow's (FASTLLAVA_KERNELS=0).
 """
 
 from __future__ import annotations
@@ -97,7 +98,7 @@ def assert_close(ours_out, reference):
 
 @pytest.mark.parametrize("config_name, config", [("clip", CLIP), ("siglip", SIGLIP)])
 @pytest.mark.parametrize("do_pad", [False, True])
-def test_pixel_values_equal_transformers(images, large, config_name, config, do_pad):
+def test_pixel_values_equal_transformers(images, large, config_name, config, do_pad, cpu_kernels):
     batch = images + ([large] if not do_pad else [])  # the 4000x3000 image once per config
     reference = oracle(**config, do_pad=do_pad)(batch, return_tensors="np")["pixel_values"]
     for kind in KINDS:
@@ -181,7 +182,7 @@ def _dtype(values) -> np.dtype:
     return first.numpy().dtype if isinstance(first, torch.Tensor) else np.asarray(first).dtype
 
 
-def test_input_types_agree(small_images):
+def test_input_types_agree(small_images, cpu_kernels):
     image = small_images[0]
     hwc = np.asarray(image)
     reference = oracle()(image, return_tensors="np")["pixel_values"]
@@ -374,7 +375,7 @@ def test_pass_order_follows_pillow():
 
 
 @pytest.mark.parametrize("config_name, config", [("clip", CLIP), ("siglip", SIGLIP)])
-def test_odd_sizes_equal_transformers(config_name, config):
+def test_odd_sizes_equal_transformers(config_name, config, cpu_kernels):
     rng = np.random.default_rng(2)
     sizes = [(1, 40), (40, 1), (2, 3), (451, 300), (300, 451), (225, 224), (224, 225), (333, 17), (640, 427)]
     batch = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for w, h in sizes]
@@ -398,7 +399,7 @@ def _with_threads(count: int, function):
 @pytest.mark.parametrize("options", [{}, {"do_pad": True}, {"do_center_crop": False, "return_tensors": None},
                                      {"return_tensors": "np"}, {"size": {"height": 96, "width": 96},
                                                                 "do_center_crop": False}])
-def test_thread_pool_gives_identical_output(images, options):
+def test_thread_pool_gives_identical_output(images, options, cpu_kernels):
     options = dict(options)
     return_tensors = options.pop("return_tensors", "pt")
     processor = LlavaImageProcessor(**options)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-SOURCES = ("gemv.cpp",)
+SOURCES = ("gemv.cpp", "resample.cpp")
 _FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-std=c++17"]
 _lock = threading.Lock()
 _state: dict[str, bool] = {}
