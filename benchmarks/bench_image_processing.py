@@ -13,20 +13,22 @@ processor runs the images of the batch in ``torch.get_num_threads()`` threads; t
 whatever the setting: the "threads" column says which. Absolute times on shared machines are noise; the ratios
 measured in one run, rounds interleaved, are the result.
 
-Measured on a 2-core AMD EPYC VM (AVX2), shared with a training run and other benchmarks (load average ~4.6
-during the run, so a second thread found little free CPU); Pillow 13.0, torch 2.13 CPU, transformers without
-torchvision (its LlavaImageProcessor is then its PIL class); 32 PIL photos, CLIP config, best of 15 interleaved
-rounds, all outputs bit-identical to transformers' (max|diff| 0):
+Measured on a 2-core AMD EPYC VM (AVX2), shared with a training run and other benchmarks (load average 3.6-3.9
+during the run: a second thread finds little free CPU); Pillow 13.0, torch 2.13 CPU, transformers without
+torchvision (its LlavaImageProcessor is then its PIL class, one thread); 32 PIL photos, CLIP config, best of 15
+interleaved rounds, every output bit-identical to transformers' (max|diff| 0):
 
-    processor                                  torch threads   images/s   ratio vs transformers
-    fastllava LlavaImageProcessor (kernel)           1            788.5     9.56
-    fastllava LlavaImageProcessor (Pillow)           1            136.7     1.66
-    transformers LlavaImageProcessor                 1             82.5     1.00
-    fastllava LlavaImageProcessor (kernel)           2            828.5    10.10
-    fastllava LlavaImageProcessor (Pillow)           2            137.0     1.67
-    transformers LlavaImageProcessor                 2 (runs 1)    82.0     1.00
+    processor                                  torch threads   images/s   ratio vs transformers (same setting)
+    fastllava LlavaImageProcessor (kernel)           1           1231.8    11.79
+    fastllava LlavaImageProcessor (Pillow)           1            184.3     1.76
+    transformers LlavaImageProcessor                 1            104.5     1.00
+    fastllava LlavaImageProcessor (kernel)           2           1140.1    12.70
+    fastllava LlavaImageProcessor (Pillow)           2            231.5     2.58
+    transformers LlavaImageProcessor                 2 (uses 1)    89.7     1.00
 
-(Earlier, on a less loaded machine, the Pillow path reached 1.64x with 1 thread and 2.81x with 2.)
+An earlier run under heavier load gave 788 / 137 / 82 images/s (kernel 9.6x) with 1 thread and 829 / 137 / 82
+(10.1x) with 2. The second thread does not help the kernel here: the machine's other core is busy, and the kernel
+is short enough (~0.8 ms an image) that scheduling noise dominates; the Pillow path, 7x heavier, still gains.
 """
 
 from __future__ import annotations

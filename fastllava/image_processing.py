@@ -11,10 +11,12 @@ centre-cropped (zero padded when too small), rescaled in float64 and normalized 
 ``image_processor`` entry of ``processor_config.json``) from a directory or a file; ``to_dict`` / ``save_pretrained``
 write ``preprocessor_config.json`` with ``image_processor_type``; unknown keys are kept. Configs of checkpoints that
 carry a ``SiglipImageProcessor`` (fixed size, no crop, mean/std 0.5) get SigLIP's defaults for keys they omit, as
-transformers' AutoImageProcessor would. The torch processor resizes with Pillow itself on CPU (its C filters are
-the fastest exact ones there, run in threads, computing only the window a centre crop keeps where Pillow's box
-reproduces it exactly) and with ``pil_resample``'s exact banded matmuls on other devices; both give transformers'
-PIL results bit for bit.
+transformers' AutoImageProcessor would. On CPU the torch processor resizes with fastllava's C++ resampler
+(``torch.ops.fastllava.resample_window``: Pillow's integer arithmetic in AVX2 lanes, only the window a centre crop
+keeps, values mapped straight into the batch), or, where the kernels are off (FASTLLAVA_KERNELS=0, no compiler, no
+AVX2) or the filter is NEAREST, with Pillow itself (computing only the cropped window where Pillow's box reproduces
+it exactly); the images run in threads. On other devices it uses ``pil_resample``'s exact banded matmuls. All give
+transformers' PIL results bit for bit.
 """
 
 from __future__ import annotations
@@ -532,9 +534,10 @@ class LlavaImageProcessor(_LlavaImageProcessorBase):
 
     Per image it does only the work that survives the centre crop; 8-bit images are rescaled and normalized by
     a 256-entry table per channel (exactly transformers' float64-then-float32 arithmetic). On CPU the resize is
-    Pillow's own, given a box that computes only the cropped window where such a box is exact
-    (``pil_resample.pillow_box``), and the values go straight into a preallocated batch tensor; the images run in
-    a thread pool of ``torch.get_num_threads()`` workers, largest first, and a failing image is named by its
+    the C++ resampler (``pil_resample.kernel_resize``, Pillow's integers for the cropped window only, the table
+    applied in the same call) or, without it, Pillow's own, given a box that computes only the cropped window
+    where such a box is exact (``pil_resample.pillow_box``); the values go straight into a preallocated batch
+    tensor; the images run in a thread pool of ``torch.get_num_threads()`` workers, largest first, and a failing image is named by its
     index. On accelerators (``device=`` or CUDA tensors) the resize is ``pil_resample``'s exact banded matmul,
     batched over images of one shape.
     """
@@ -568,11 +571,13 @@ class LlavaImageProcessor(_LlavaImageProcessorBase):
                 and shapes[0] is not None and all(shape == shapes[0] for shape in shapes)):
             batch = torch.empty((len(flat), *shapes[0]), dtype=torch.float32)  # (N, C, H, W)
 
+        alone = len(flat) == 1  # one image: its rows split across the torch threads instead
+
         def work(index: int) -> torch.Tensor:
             if shapes[index] is None:
                 return self._cpu_one(flat[index], options, call)
             slot = batch[index] if batch is not None else torch.empty(shapes[index], dtype=torch.float32)
-            _fast_one(flat[index], options, slot.numpy(), fmt)
+            _fast_one(flat[index], options, slot.numpy(), fmt, parallel=alone)
             return slot
 
         # largest first, so that the last image to finish is a small one (threads end together)
@@ -709,24 +714,26 @@ def _array_to_pil(image: Any, layout: str) -> Image.Image:
     return Image.merge("RGB", planes)
 
 
-def _fast_one(image: Any, options: dict[str, Any], out: np.ndarray, input_data_format: str | None = None) -> None:
+def _fast_one(image: Any, options: dict[str, Any], out: np.ndarray, input_data_format: str | None = None,
+              parallel: bool = False) -> None:
     """Convert, pad, resize (only the kept window), crop and map values of one image into out (3, H, W).
 
     The resize is the C++ kernel (``pil_resample.kernel_resize``: Pillow's integers, computed for the window
     only, values mapped by the table in the same pass) where it is available and handles the filter; otherwise
-    Pillow's own, given an exact box (``_resize_window``)."""
+    Pillow's own, given an exact box (``_resize_window``). ``parallel``: the kernel splits this image's rows
+    across torch's threads (an image alone in its batch)."""
     kernel = pil_resample.kernel_available(options["resample"])
     layout = None if isinstance(image, Image.Image) else _uint8_rgb_layout(image, input_data_format)
     if kernel and layout is not None and not options["do_pad"]:
         _kernel_one(_array_planes(image, layout), image.shape[1:] if layout == "chw" else image.shape[:2],
-                    options, out)
+                    options, out, parallel)
         return
     pil = _as_rgb_pil(image, options) if layout is None else _array_to_pil(image, layout)
     if options["do_pad"]:
         pil = _pad_square_pil(pil, options["image_mean"])
     if kernel:
         source, channels, keep = pil_resample.pil_source(pil)
-        _kernel_one([(source, 0)], (pil.height, pil.width), options, out)
+        _kernel_one([(source, 0)], (pil.height, pil.width), options, out, parallel)
         del keep
         return
     height, width = _output_size(pil.height, pil.width, options["size"])
@@ -762,7 +769,7 @@ def _array_planes(image: Any, layout: str) -> list[tuple[torch.Tensor, int]]:
 
 
 def _kernel_one(sources: list[tuple[torch.Tensor, int]], shape: tuple[int, int], options: dict[str, Any],
-                out: np.ndarray) -> None:
+                out: np.ndarray, parallel: bool = False) -> None:
     """Resize (the kept window only) and map the values of sources [(H, W, P) uint8, first channel] into out."""
     height, width = _output_size(int(shape[0]), int(shape[1]), options["size"])
     (sy, ny, dy), (sx, nx, dx) = _windows(height, width, options)
@@ -774,7 +781,8 @@ def _kernel_one(sources: list[tuple[torch.Tensor, int]], shape: tuple[int, int],
         channels = min(3 - channel, int(source.shape[2]), 3)
         pil_resample.kernel_resize(source, channels, (height, width), options["resample"], (sy, ny), (sx, nx),
                                    out=target[channel : channel + channels],
-                                   table=_table_tensor(table, channel, channels), dy=dy, dx=dx)
+                                   table=_table_tensor(table, channel, channels), dy=dy, dx=dx,
+                                   parallel=parallel)
 
 
 def _table_tensor(table: np.ndarray, channel: int, channels: int) -> torch.Tensor:

@@ -11,6 +11,10 @@ when the height loses more than twice as many pixels as the width; 12.2-12.3 did
 taller than wide).
 ``pillow_box`` finds, where one exists, the ``box`` for Pillow's own ``Image.resize`` that computes only a window
 of a resize, exactly (the CPU image processor resizes only what a centre crop keeps).
+``kernel_resize`` computes a window of the same resize on CPU with the C++ kernel
+(``fastllava/kernels/resample.cpp``, Pillow's own integer arithmetic, fed with the coefficients computed here)
+where ``kernel_available`` says it is built and handles the filter (all but NEAREST); ``pil_source`` hands it
+Pillow's pixel memory without a copy.
 
 How: each pass is a banded matrix product. Output positions are grouped in blocks; each block reads only its input
 window, so the work stays near Pillow's own instead of a dense (out x in) product. Products run in float32 (fast on
@@ -424,13 +428,15 @@ def _window_taps(in_size: int, out_size: int, resample: int, start: int, count: 
 def kernel_resize(source: torch.Tensor, channels: int, size: tuple[int, int], resample: int,
                   rows: tuple[int, int] | None = None, cols: tuple[int, int] | None = None,
                   out: torch.Tensor | None = None, table: torch.Tensor | None = None, dy: int = 0,
-                  dx: int = 0) -> torch.Tensor:
+                  dx: int = 0, parallel: bool = False) -> torch.Tensor:
     """Pillow's ``resize(size=(height, width))`` of ``source`` (H, W, P) uint8 (pixels P bytes apart, the first
     ``channels`` used, rows at any stride), only rows/cols (start, count) of the result, by the C++ kernel.
 
     Without ``table``: returns the window as uint8 (rows, cols, channels). With ``table`` (channels, 256) float32:
     writes table[c][value] into ``out`` (channels, OH, OW) float32 at [c, dy + y, dx + x] and returns ``out``.
-    Raises RuntimeError where ``kernel_available(resample)`` is False.
+    ``parallel``: split the rows across torch's intra-op threads (for an image alone; the image processor runs
+    the images of a batch in threads of its own instead). Raises RuntimeError where ``kernel_available(resample)``
+    is False.
     """
     if not kernel_available(resample):
         raise RuntimeError(f"the resample kernel is unavailable for filter {resample!r} (see kernel_available)")
@@ -447,7 +453,7 @@ def kernel_resize(source: torch.Tensor, channels: int, size: tuple[int, int], re
     if out is None:
         out = torch.empty((n_rows, n_cols, channels), dtype=torch.uint8)
     torch.ops.fastllava.resample_window(source, channels, ytaps, top, n_rows, xtaps, left, n_cols,
-                                        _vertical_first(in_h, in_w, height, width), out, table, dy, dx)
+                                        _vertical_first(in_h, in_w, height, width), out, table, dy, dx, parallel)
     return out
 
 
@@ -484,6 +490,6 @@ def pil_source(image) -> tuple[torch.Tensor, int, object]:
         buffer = (ctypes.c_uint8 * (height * width * pixel)).from_address(address)
         source = torch.frombuffer(buffer, dtype=torch.uint8).view(height, width, pixel)
         return source, channels, (capsule, buffer, image)
-    except (AttributeError, ValueError, TypeError):  # older Pillow, an image in several blocks, ...
+    except Exception:  # noqa: BLE001 - no Arrow export (Pillow < 11.2), an image in several blocks, ...
         array = np.array(image)  # writable copy, (H, W) or (H, W, 3)
         return torch.from_numpy(array.reshape(height, width, -1)), channels, array

@@ -142,6 +142,31 @@ def test_sources_in_every_layout():
     np.testing.assert_array_equal(got, _pillow(big, (336, 448), 3)[:, 56:392])
 
 
+def test_rows_split_across_threads_give_the_same_result():
+    """parallel=True (an image alone: rows split across torch's threads) in every pass order and one-pass case."""
+    rng = np.random.default_rng(6)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for (in_h, in_w), (out_h, out_w), rows, cols in [
+            ((700, 500), (333, 238), None, None), ((900, 300), (100, 290), (10, 80), (5, 280)),  # both orders
+            ((301, 77), (301, 150), (3, 290), None), ((77, 301), (150, 301), None, (1, 299)),  # one pass each
+            ((250, 250), (250, 250), (0, 250), (20, 200)), ((5, 999), (3, 40), None, None),
+        ]:
+            image = _image(rng, in_h, in_w, "RGB")
+            source, channels, keep = pil_resample.pil_source(image)
+            want = _pillow(image, (out_h, out_w), 3)
+            if rows:
+                want = want[rows[0] : rows[0] + rows[1]]
+            if cols:
+                want = want[:, cols[0] : cols[0] + cols[1]]
+            for parallel in (False, True):
+                got = pil_resample.kernel_resize(source, channels, (out_h, out_w), 3, rows, cols, parallel=parallel)
+                np.testing.assert_array_equal(got.numpy(), want)
+    finally:
+        torch.set_num_threads(previous)
+
+
 def test_table_output_and_errors():
     rng = np.random.default_rng(4)
     image = _image(rng, 50, 70, "RGB")
@@ -189,3 +214,10 @@ def test_processor_same_values_with_and_without_kernel(monkeypatch, inputs, opti
     for a, b, ref in zip(with_kernel, without, reference):
         assert torch.equal(a, b)
         np.testing.assert_array_equal(a.numpy(), np.asarray(ref))
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:  # one image alone: the kernel splits its rows across the threads
+        alone = processor(batch[:1], **kwargs)["pixel_values"][0]
+    finally:
+        torch.set_num_threads(previous)
+    np.testing.assert_array_equal(alone.numpy(), np.asarray(reference[0]))

@@ -17,17 +17,21 @@
 // same byte of 8 rows; a tap then is one widening load, one multiply and one add for 8 rows, with the coefficient
 // broadcast; the 8-row results are transposed back.
 //
-// The op does not start threads: the image processor runs one image per worker thread (the GIL is released
-// while a torch op runs).
+// Threads: with parallel=False (the image processor's batches: one image per worker thread, the GIL is released
+// while a torch op runs) the op stays in the calling thread; with parallel=True (one image alone) both passes and
+// the value mapping split their rows across at::get_num_threads() threads.
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <torch/library.h>
 #include <immintrin.h>
 
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <exception>
 #include <optional>
+#include <thread>
 #include <vector>
 
 namespace {
@@ -109,43 +113,73 @@ inline void transpose8x8(const uint8_t* const* src, uint8_t* const* dst) {
   _mm_storeh_pd(reinterpret_cast<double*>(dst[7]), _mm_castsi128_pd(d3));
 }
 
+// f(begin, end) over [0, n): split into at::get_num_threads() parts when `parallel` (a single image), else in the
+// calling thread (the image processor's workers each run one image). The parts run on std::threads: at::parallel_for
+// compiled into an extension without -fopenmp (build.py's flags) runs serially, its OpenMP path being inline code.
+template <typename F>
+void for_range(int64_t n, int64_t grain, bool parallel, const F& f) {
+  if (n <= 0) return;
+  const int64_t parts = parallel ? std::min<int64_t>(at::get_num_threads(), n / std::max<int64_t>(grain, 1)) : 1;
+  if (parts <= 1) {
+    f(0, n);
+    return;
+  }
+  std::vector<std::thread> threads;
+  std::vector<std::exception_ptr> errors(static_cast<size_t>(parts));
+  auto part = [&](int64_t i) {
+    try {
+      f(n * i / parts, n * (i + 1) / parts);
+    } catch (...) {
+      errors[static_cast<size_t>(i)] = std::current_exception();
+    }
+  };
+  for (int64_t i = 1; i < parts; ++i) threads.emplace_back(part, i);
+  part(0);
+  for (auto& thread : threads) thread.join();
+  for (auto& error : errors) {
+    if (error) std::rethrow_exception(error);
+  }
+}
+
 // Vertical pass over `nbytes` bytes per row. src points at the row of absolute index row0; output row i of the
 // axis goes to dst + i * dst_stride.
 void vertical_pass(const uint8_t* src, int64_t src_stride, int64_t row0, int64_t nbytes, const Axis& axis,
-                   uint8_t* dst, int64_t dst_stride) {
-  for (int64_t o = 0; o < axis.n; ++o) {
-    const uint8_t* base = src + (axis.start(o) - row0) * src_stride;
-    const int n = axis.count(o);
-    const int32_t* k = axis.k(o);
-    uint8_t* out = dst + o * dst_stride;
-    int64_t b = 0;
-    for (; b + 32 <= nbytes; b += 32) {
-      __m256i a0 = _mm256_set1_epi32(kHalf), a1 = a0, a2 = a0, a3 = a0;
-      const uint8_t* p = base + b;
-      for (int t = 0; t < n; ++t, p += src_stride) {
-        const __m256i kk = _mm256_set1_epi32(k[t]);
-        a0 = _mm256_add_epi32(a0, _mm256_mullo_epi32(widen8(p), kk));
-        a1 = _mm256_add_epi32(a1, _mm256_mullo_epi32(widen8(p + 8), kk));
-        a2 = _mm256_add_epi32(a2, _mm256_mullo_epi32(widen8(p + 16), kk));
-        a3 = _mm256_add_epi32(a3, _mm256_mullo_epi32(widen8(p + 24), kk));
+                   uint8_t* dst, int64_t dst_stride, bool parallel) {
+  for_range(axis.n, 16, parallel, [&](int64_t o_begin, int64_t o_end) {
+    for (int64_t o = o_begin; o < o_end; ++o) {
+      const uint8_t* base = src + (axis.start(o) - row0) * src_stride;
+      const int n = axis.count(o);
+      const int32_t* k = axis.k(o);
+      uint8_t* out = dst + o * dst_stride;
+      int64_t b = 0;
+      for (; b + 32 <= nbytes; b += 32) {
+        __m256i a0 = _mm256_set1_epi32(kHalf), a1 = a0, a2 = a0, a3 = a0;
+        const uint8_t* p = base + b;
+        for (int t = 0; t < n; ++t, p += src_stride) {
+          const __m256i kk = _mm256_set1_epi32(k[t]);
+          a0 = _mm256_add_epi32(a0, _mm256_mullo_epi32(widen8(p), kk));
+          a1 = _mm256_add_epi32(a1, _mm256_mullo_epi32(widen8(p + 8), kk));
+          a2 = _mm256_add_epi32(a2, _mm256_mullo_epi32(widen8(p + 16), kk));
+          a3 = _mm256_add_epi32(a3, _mm256_mullo_epi32(widen8(p + 24), kk));
+        }
+        store32(out + b, a0, a1, a2, a3);
       }
-      store32(out + b, a0, a1, a2, a3);
-    }
-    for (; b + 8 <= nbytes; b += 8) {
-      __m256i a0 = _mm256_set1_epi32(kHalf);
-      const uint8_t* p = base + b;
-      for (int t = 0; t < n; ++t, p += src_stride) {
-        a0 = _mm256_add_epi32(a0, _mm256_mullo_epi32(widen8(p), _mm256_set1_epi32(k[t])));
+      for (; b + 8 <= nbytes; b += 8) {
+        __m256i a0 = _mm256_set1_epi32(kHalf);
+        const uint8_t* p = base + b;
+        for (int t = 0; t < n; ++t, p += src_stride) {
+          a0 = _mm256_add_epi32(a0, _mm256_mullo_epi32(widen8(p), _mm256_set1_epi32(k[t])));
+        }
+        store8(out + b, a0);
       }
-      store8(out + b, a0);
+      for (; b < nbytes; ++b) {
+        int32_t sum = kHalf;
+        const uint8_t* p = base + b;
+        for (int t = 0; t < n; ++t, p += src_stride) sum += static_cast<int32_t>(*p) * k[t];
+        out[b] = clip8(sum);
+      }
     }
-    for (; b < nbytes; ++b) {
-      int32_t sum = kHalf;
-      const uint8_t* p = base + b;
-      for (int t = 0; t < n; ++t, p += src_stride) sum += static_cast<int32_t>(*p) * k[t];
-      out[b] = clip8(sum);
-    }
-  }
+  });
 }
 
 // The taps of one block: acc[c] (8 rows) for output o, channels c < C, from the transposed source T.
@@ -177,63 +211,65 @@ inline void horizontal_taps_any(const uint8_t* T, int64_t first, int pixel, int 
 // index col0, pixels `pixel` bytes apart; output row r (axis.n pixels of `channels` bytes) goes to
 // dst + r * dst_stride.
 void horizontal_pass(const uint8_t* src, int64_t src_stride, int pixel, int channels, int64_t col0, int64_t nrows,
-                     const Axis& axis, uint8_t* dst, int64_t dst_stride) {
+                     const Axis& axis, uint8_t* dst, int64_t dst_stride, bool parallel) {
   const int32_t xlo = axis.lo(), xhi = axis.hi();
   const int64_t in_bytes = static_cast<int64_t>(xhi - xlo) * pixel;
   const int64_t out_bytes = axis.n * channels;
-  std::vector<uint8_t> transposed(static_cast<size_t>(in_bytes) * 8 + 64);
-  std::vector<uint8_t> results(static_cast<size_t>(out_bytes) * 8 + 64);
-  std::vector<uint8_t> scratch(static_cast<size_t>(out_bytes) + 64);
-  uint8_t* T = transposed.data();
-  uint8_t* R = results.data();
-  const uint8_t* rows[8];
-  uint8_t* outs[8];
-  const uint8_t* srcs[8];
-  uint8_t* dsts[8];
-  for (int64_t r0 = 0; r0 < nrows; r0 += 8) {
-    const int64_t valid = std::min<int64_t>(8, nrows - r0);
-    for (int i = 0; i < 8; ++i) {
-      const int64_t r = r0 + std::min<int64_t>(i, valid - 1);  // past the end: repeat the last row (discarded)
-      rows[i] = src + r * src_stride + (xlo - col0) * pixel;
-      outs[i] = i < valid ? dst + (r0 + i) * dst_stride : scratch.data();
-    }
-    // source bytes -> T[b * 8 + row]
-    int64_t b = 0;
-    for (; b + 8 <= in_bytes; b += 8) {
+  for_range((nrows + 7) / 8, 4, parallel, [&](int64_t block_begin, int64_t block_end) {
+    std::vector<uint8_t> transposed(static_cast<size_t>(in_bytes) * 8 + 64);
+    std::vector<uint8_t> results(static_cast<size_t>(out_bytes) * 8 + 64);
+    std::vector<uint8_t> scratch(static_cast<size_t>(out_bytes) + 64);
+    uint8_t* T = transposed.data();
+    uint8_t* R = results.data();
+    const uint8_t* rows[8];
+    uint8_t* outs[8];
+    const uint8_t* srcs[8];
+    uint8_t* dsts[8];
+    for (int64_t r0 = block_begin * 8; r0 < std::min(nrows, block_end * 8); r0 += 8) {
+      const int64_t valid = std::min<int64_t>(8, nrows - r0);
       for (int i = 0; i < 8; ++i) {
-        srcs[i] = rows[i] + b;
-        dsts[i] = T + (b + i) * 8;
+        const int64_t r = r0 + std::min<int64_t>(i, valid - 1);  // past the end: repeat the last row (discarded)
+        rows[i] = src + r * src_stride + (xlo - col0) * pixel;
+        outs[i] = i < valid ? dst + (r0 + i) * dst_stride : scratch.data();
       }
-      transpose8x8(srcs, dsts);
-    }
-    for (; b < in_bytes; ++b) {
-      for (int i = 0; i < 8; ++i) T[b * 8 + i] = rows[i][b];
-    }
-    // taps -> R[(o * channels + c) * 8 + row]
-    for (int64_t o = 0; o < axis.n; ++o) {
-      const int64_t first = static_cast<int64_t>(axis.start(o) - xlo) * pixel;
-      uint8_t* out = R + o * channels * 8;
-      if (channels == 3) {
-        horizontal_taps<3>(T, first, pixel, axis.count(o), axis.k(o), out);
-      } else if (channels == 1) {
-        horizontal_taps<1>(T, first, pixel, axis.count(o), axis.k(o), out);
-      } else {
-        horizontal_taps_any(T, first, pixel, channels, axis.count(o), axis.k(o), out);
+      // source bytes -> T[b * 8 + row]
+      int64_t b = 0;
+      for (; b + 8 <= in_bytes; b += 8) {
+        for (int i = 0; i < 8; ++i) {
+          srcs[i] = rows[i] + b;
+          dsts[i] = T + (b + i) * 8;
+        }
+        transpose8x8(srcs, dsts);
+      }
+      for (; b < in_bytes; ++b) {
+        for (int i = 0; i < 8; ++i) T[b * 8 + i] = rows[i][b];
+      }
+      // taps -> R[(o * channels + c) * 8 + row]
+      for (int64_t o = 0; o < axis.n; ++o) {
+        const int64_t first = static_cast<int64_t>(axis.start(o) - xlo) * pixel;
+        uint8_t* out = R + o * channels * 8;
+        if (channels == 3) {
+          horizontal_taps<3>(T, first, pixel, axis.count(o), axis.k(o), out);
+        } else if (channels == 1) {
+          horizontal_taps<1>(T, first, pixel, axis.count(o), axis.k(o), out);
+        } else {
+          horizontal_taps_any(T, first, pixel, channels, axis.count(o), axis.k(o), out);
+        }
+      }
+      // R -> output rows
+      b = 0;
+      for (; b + 8 <= out_bytes; b += 8) {
+        for (int i = 0; i < 8; ++i) {
+          srcs[i] = R + (b + i) * 8;
+          dsts[i] = outs[i] + b;
+        }
+        transpose8x8(srcs, dsts);
+      }
+      for (; b < out_bytes; ++b) {
+        for (int i = 0; i < 8; ++i) outs[i][b] = R[b * 8 + i];
       }
     }
-    // R -> output rows
-    b = 0;
-    for (; b + 8 <= out_bytes; b += 8) {
-      for (int i = 0; i < 8; ++i) {
-        srcs[i] = R + (b + i) * 8;
-        dsts[i] = outs[i] + b;
-      }
-      transpose8x8(srcs, dsts);
-    }
-    for (; b < out_bytes; ++b) {
-      for (int i = 0; i < 8; ++i) outs[i][b] = R[b * 8 + i];
-    }
-  }
+  });
 }
 
 Axis axis_of(const std::optional<at::Tensor>& coef, int64_t expected, const char* name) {
@@ -259,7 +295,7 @@ Axis axis_of(const std::optional<at::Tensor>& coef, int64_t expected, const char
 void resample_window(const at::Tensor& src, int64_t channels, const std::optional<at::Tensor>& ycoef, int64_t top,
                      int64_t rows, const std::optional<at::Tensor>& xcoef, int64_t left, int64_t cols,
                      bool vertical_first, const at::Tensor& out, const std::optional<at::Tensor>& table, int64_t dy,
-                     int64_t dx) {
+                     int64_t dx, bool parallel) {
   TORCH_CHECK(src.device().is_cpu() && src.scalar_type() == at::kByte && src.dim() == 3,
               "resample_window: src must be a CPU uint8 (H, W, P) tensor");
   const int64_t H = src.size(0), W = src.size(1), P = src.size(2);
@@ -290,6 +326,11 @@ void resample_window(const at::Tensor& src, int64_t channels, const std::optiona
                 out.size(2) == channels && out.is_contiguous(), "resample_window: out must be uint8 (rows, cols, C)");
   }
 
+  if (parallel) {  // threads cost tens of microseconds to start: only for images with ~1 ms of taps or more
+    const int64_t ytaps = ya.data ? ya.stride - 2 : 1, xtaps = xa.data ? xa.stride - 2 : 1;
+    const int64_t in_rows = ya.data ? ya.hi() - ya.lo() : rows;
+    parallel = (in_rows * cols * xtaps + rows * cols * ytaps) * channels >= (int64_t{1} << 22);
+  }
   const uint8_t* base = src.data_ptr<uint8_t>();
   const int64_t rs = src.stride(0);
   const int C = static_cast<int>(channels), Pi = static_cast<int>(P);
@@ -303,26 +344,26 @@ void resample_window(const at::Tensor& src, int64_t channels, const std::optiona
     wpixel = P;
   } else if (!ya.data) {
     second.resize(static_cast<size_t>(rows * cols * C) + 32);
-    horizontal_pass(base + top * rs, rs, Pi, C, 0, rows, xa, second.data(), cols * C);
+    horizontal_pass(base + top * rs, rs, Pi, C, 0, rows, xa, second.data(), cols * C, parallel);
     win = second.data(), wstride = cols * C, wpixel = C;
   } else if (!xa.data) {
     second.resize(static_cast<size_t>(rows * cols * P) + 32);
-    vertical_pass(base + left * P, rs, 0, cols * P, ya, second.data(), cols * P);
+    vertical_pass(base + left * P, rs, 0, cols * P, ya, second.data(), cols * P, parallel);
     win = second.data(), wstride = cols * P, wpixel = P;
   } else if (!vertical_first) {
     const int64_t ylo = ya.lo(), yhi = ya.hi();
     first.resize(static_cast<size_t>((yhi - ylo) * cols * C) + 32);
-    horizontal_pass(base + ylo * rs, rs, Pi, C, 0, yhi - ylo, xa, first.data(), cols * C);
+    horizontal_pass(base + ylo * rs, rs, Pi, C, 0, yhi - ylo, xa, first.data(), cols * C, parallel);
     second.resize(static_cast<size_t>(rows * cols * C) + 32);
-    vertical_pass(first.data(), cols * C, ylo, cols * C, ya, second.data(), cols * C);
+    vertical_pass(first.data(), cols * C, ylo, cols * C, ya, second.data(), cols * C, parallel);
     win = second.data(), wstride = cols * C, wpixel = C;
   } else {
     const int64_t xlo = xa.lo(), xhi = xa.hi();
     const int64_t span = (xhi - xlo) * P;
     first.resize(static_cast<size_t>(rows * span) + 32);
-    vertical_pass(base + xlo * P, rs, 0, span, ya, first.data(), span);
+    vertical_pass(base + xlo * P, rs, 0, span, ya, first.data(), span, parallel);
     second.resize(static_cast<size_t>(rows * cols * C) + 32);
-    horizontal_pass(first.data(), span, Pi, C, xlo, rows, xa, second.data(), cols * C);
+    horizontal_pass(first.data(), span, Pi, C, xlo, rows, xa, second.data(), cols * C, parallel);
     win = second.data(), wstride = cols * C, wpixel = C;
   }
 
@@ -342,22 +383,24 @@ void resample_window(const at::Tensor& src, int64_t channels, const std::optiona
   }
   float* o = out.data_ptr<float>();
   const int64_t cs = out.stride(0), ys = out.stride(1);
-  for (int64_t y = 0; y < rows; ++y) {
-    const uint8_t* w = win + y * wstride;
-    for (int c = 0; c < C; ++c) {
-      const float* tc = tab + c * 256;
-      float* d = o + c * cs + (dy + y) * ys + dx;
-      const uint8_t* wc = w + c;
-      for (int64_t x = 0; x < cols; ++x) d[x] = tc[wc[x * wpixel]];
+  for_range(rows, 32, parallel, [&](int64_t y_begin, int64_t y_end) {
+    for (int64_t y = y_begin; y < y_end; ++y) {
+      const uint8_t* w = win + y * wstride;
+      for (int c = 0; c < C; ++c) {
+        const float* tc = tab + c * 256;
+        float* d = o + c * cs + (dy + y) * ys + dx;
+        const uint8_t* wc = w + c;
+        for (int64_t x = 0; x < cols; ++x) d[x] = tc[wc[x * wpixel]];
+      }
     }
-  }
+  });
 }
 
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(fastllava, m) {
   m.def("resample_window(Tensor src, int channels, Tensor? ycoef, int top, int rows, Tensor? xcoef, int left, "
-        "int cols, bool vertical_first, Tensor(a!) out, Tensor? table, int dy, int dx) -> ()");
+        "int cols, bool vertical_first, Tensor(a!) out, Tensor? table, int dy, int dx, bool parallel=False) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(fastllava, CPU, m) {
