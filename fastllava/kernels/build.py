@@ -47,6 +47,7 @@ def build_directory() -> Path:
     for name in SOURCES:
         digest.update((here / name).read_bytes())
     digest.update(" ".join(_FLAGS).encode())
+    digest.update(str(here.resolve()).encode())  # torch rebuilds when the source paths change: one dir per checkout
     root = Path(os.environ.get("FASTLLAVA_CACHE", Path.home() / ".cache" / "fastllava"))
     version = torch.__version__.replace("+", "_")
     return root / "kernels" / f"torch{version}-{digest.hexdigest()[:16]}"
