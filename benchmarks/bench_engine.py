@@ -28,12 +28,15 @@ bf16. On a shared, busy machine use ``--threads 1``: with two OpenMP threads and
 cores, every small parallel region waits for a descheduled thread (a 4-sequence decode step measured 4.7 s with
 2 threads against 0.9 s with 1).
 
-Measured here, bf16 (2 cores shared with other jobs, load average 3-4, ``--threads 1``, 4 requests x 32 tokens,
-2026-11-25, ``--only throughput shared-images repeat``): distinct images 4.21x transformers' tok/s (TTFT p50
-0.17x, prefill 105 s vs 481 s), outputs identical 4/4; 4 questions about one image 14.4x tok/s, TTFT 0.039x
-(2160 prompt tokens from the prefix cache, 3 image-cache hits), identical 4/4; a repeated image's TTFT 0.99 s
-against 18.1 s uncached and 20.4 s first (0.048x); a second chat turn 1.18 s (0.058x); peak RSS 4.4 GiB.
-Earlier, fp32 (load 4-8): distinct images 1.09x, one image 2.27x, repeated image 0.03-0.06x.
+Measured here, bf16 (2 cores shared with a training run, load average 1.3-3, ``--threads 1 --concurrency 1 4
+--new-tokens 64 256 --shared-requests 4 --only throughput shared-images repeat``, 2026-11-25, with the C++ GEMV
+kernels and huge-page weights): distinct images, 1 request: 4.26x transformers' tok/s at 64 tokens, 3.27x at 256
+(TTFT 20.5 s vs 107.1 s = 0.19x; inter-token p50 0.108 s vs 0.203 s); 4 requests: 5.58x at 64, 4.41x at 256 (TTFT
+p50 57.4 s vs 473.3 s = 0.12x, p95 74.1 s; ITL p50 0.28 s vs 0.69 s a step), outputs identical 4/4; 4 questions
+about one image: 14.6x at 64, 7.68x at 256 (TTFT 0.041x; 2160 prompt tokens from the prefix cache, 3 image-cache
+hits), identical 4/4; a repeated image's TTFT 1.12 s against 18.6 s uncached and 23.0 s first (0.049x); a second
+chat turn 0.98 s (0.042x); peak RSS 4.6 GiB. 16 concurrent requests were not run: transformers' bf16 prefill of 16
+image prompts takes ~30 min here (473 s for 4).
 """
 
 from __future__ import annotations
