@@ -254,16 +254,19 @@ def compare(name: str, prompts: list[dict], lengths: list[int], ours, theirs, en
     rows = []
     for new_tokens in sorted(lengths):
         rows += compare_rows(name, prompts, new_tokens, first_tokens_view(ours_run, new_tokens),
-                             first_tokens_view(theirs_run, new_tokens), stats, floor, images, longest)
+                             first_tokens_view(theirs_run, new_tokens), stats, floor, images, longest,
+                             dtypes=(ours.dtype, theirs.dtype))
     return rows
 
 
 def compare_rows(name: str, prompts: list[dict], new_tokens: int, ours_result: dict, theirs_result: dict,
-                 stats: dict, floor: float, images: int, run_tokens: int) -> list[dict[str, Any]]:
+                 stats: dict, floor: float, images: int, run_tokens: int, dtypes: tuple) -> list[dict[str, Any]]:
     generated = len(prompts) * new_tokens
     rows = []
-    for library, result in (("fastllava-engine", ours_result), ("transformers", theirs_result)):
-        rows.append({"bench": name, "library": library, "requests": len(prompts), "images": images,
+    same_dtype = dtypes[0] == dtypes[1]
+    for library, result, dtype in (("fastllava-engine", ours_result, dtypes[0]), ("transformers", theirs_result, dtypes[1])):
+        rows.append({"bench": name, "library": library, "dtype": str(dtype).removeprefix("torch."),
+                     "requests": len(prompts), "images": images,
                      "new_tokens": new_tokens, "prompt_tokens": len(prompts[0]["prompt_token_ids"]),
                      "total_s": result["total_s"], "tok_s": generated / result["total_s"],
                      "ttft_p50_s": statistics.median(result["ttft"]), "ttft_p95_s": quantile(result["ttft"], 0.95),
@@ -275,7 +278,7 @@ def compare_rows(name: str, prompts: list[dict], new_tokens: int, ours_result: d
                  "ttft_p50_s": rows[0]["ttft_p50_s"] / rows[1]["ttft_p50_s"],
                  "prefill_s": rows[0]["prefill_s"] / rows[1]["prefill_s"],
                  "prefill_over_floor": rows[0]["prefill_s"] / floor,
-                 "identical_outputs": f"{same}/{len(prompts)}",
+                 "identical_outputs": f"{same}/{len(prompts)}" if same_dtype else "not compared (dtypes differ)",
                  "prefix_hit_tokens": stats["prefix_cache"]["hit_tokens"],
                  "image_cache_hits": stats["image_cache"]["hits"], "preemptions": stats["preemptions"]})
     return rows
@@ -330,6 +333,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="bench_out")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--theirs-dtype", choices=["float32", "bfloat16"], default=None,
+                        help="transformers' dtype when it differs from ours: float32 is its fastest on CPUs without bf16 "
+                             "arithmetic (5x its bf16 prefill), so ours-bf16 against theirs-float32 is a lower bound on "
+                             "the bf16-vs-bf16 ratio; outputs then differ by rounding and are not compared")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[4])
     parser.add_argument("--new-tokens", type=int, nargs="+", default=[32])
     parser.add_argument("--shared-requests", type=int, default=4, help="requests in the shared-images workload")
@@ -370,7 +377,8 @@ def main() -> None:
         report(bench_repeat(ours, factory, engine_kwargs, answer_tokens=min(args.new_tokens)))
     theirs = None
     if {"throughput", "shared-images"} & set(args.only):
-        theirs = transformers.LlavaForConditionalGeneration.from_pretrained(directory, dtype=dtype).eval()
+        theirs_dtype = getattr(torch, args.theirs_dtype or args.dtype)
+        theirs = transformers.LlavaForConditionalGeneration.from_pretrained(directory, dtype=theirs_dtype).eval()
     lengths = sorted(set(args.new_tokens))  # one run per workload, to the longest; shorter ones read off it
     if "throughput" in args.only:
         for count in args.concurrency:

@@ -53,3 +53,19 @@ def test_toy_run_reports_ratios_and_identical_outputs(tmp_path, monkeypatch, cap
     assert by[("repeat-image-ttft", None)]["cached_tokens"] > 0
     assert by[("second-turn-ttft", None)]["cached_tokens"] > by[("repeat-image-ttft", None)]["cached_tokens"]
     assert by[("memory", None)]["peak_rss_gib"] > 0
+
+
+def test_transformers_in_another_dtype_is_labelled_and_not_compared(tmp_path, monkeypatch, capsys):
+    bench = load_bench()
+    threads = torch.get_num_threads()
+    monkeypatch.setattr(sys, "argv", ["bench_engine.py", "--toy", "--out", str(tmp_path), "--threads", "1",
+                                      "--only", "throughput", "--concurrency", "1", "--new-tokens", "2",
+                                      "--theirs-dtype", "bfloat16"])
+    try:
+        bench.main()
+    finally:
+        torch.set_num_threads(threads)
+    records = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    by = {r.get("library"): r for r in records if r["bench"] == "distinct-images"}
+    assert by["fastllava-engine"]["dtype"] == "float32" and by["transformers"]["dtype"] == "bfloat16"
+    assert by["ratio"]["identical_outputs"] == "not compared (dtypes differ)"
