@@ -194,7 +194,8 @@ def test_completions_models_tokenize_metrics(server):
     models = client.models.list().data
     assert [m.id for m in models] == [MODEL] and models[0].model_extra["max_model_len"] == 256
     assert client.models.retrieve(MODEL).id == MODEL
-    metrics = HTTP.get(server.url + "/metrics").text
+    client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=2)
+    metrics = HTTP.get(server.url + "/metrics").text  # (its own chat request: no reliance on other tests)
     assert metric(metrics, "fastllava_engine_tokens_generated_total") > 0
     assert metric(metrics, 'fastllava_http_requests_total{endpoint="chat",status="200"}') >= 1
     for name in ("fastllava_engine_num_waiting", "fastllava_engine_num_running",
