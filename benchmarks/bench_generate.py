@@ -10,12 +10,15 @@ token with the conversation's KV cache reused, against the first turn's. One JSO
 
     python benchmarks/bench_generate.py [--new-tokens 64] [--batches 1 8] [--repeats 2]
 
-Measured here (AVX2 EPYC, no bf16 arithmetic, 2 cores shared with other jobs at load ~3, ``--threads 1
---batches 1 --new-tokens 32 --repeats 1``, 2026-11-25, bf16): fastllava TTFT 18.7 s vs transformers 117.1 s
-(0.16x: fastllava computes many-row bf16 products in float32 there), decode 5.27 vs 3.05 tok/s (1.73x: float32
-KV cache, native bf16 GEMV), 0.31 of the 15.7 GB/s read bandwidth (bf16 GEMV on AVX2 converts as it goes and
-runs at ~7 GB/s); second chat turn TTFT 1.12 s = 0.037x the first. Batch 8 (``--batches 8 --new-tokens 16
---no-warmup``, same day): TTFT 173.7 s vs 1188.1 s (0.15x), decode 6.83 vs 5.08 tok/s (1.34x).
+Measured here (AVX2 EPYC, no bf16 arithmetic, 2 cores shared with other jobs at load ~2.5, ``--threads 1
+--batches 1 --new-tokens 128 --repeats 1 --no-warmup``, 2026-11-25, bf16, with the C++ GEMV kernels and huge-page
+weights): fastllava TTFT 19.3 s vs transformers 114.0 s (0.17x: fastllava computes many-row bf16 products in
+float32 there), decode 8.13 vs 4.71 tok/s (1.72x), 0.48 of the 15.6 GB/s read bandwidth (text weights only: the
+757-token float32 KV cache of this 16-KV-head model adds ~150 MB a token, ~20% of the step); second chat turn
+TTFT 0.88 s = 0.045x the first. With an 8-token prompt the same bf16 model decodes 11.6 tok/s (0.69 of the
+bandwidth; benchmarks/bench_quantization.py). Before the kernels (native bf16 GEMV): decode 5.27 tok/s, 0.31 of
+bandwidth. Batch 8 (``--batches 8 --new-tokens 16 --no-warmup``, before the kernels): TTFT 173.7 s vs 1188.1 s
+(0.15x), decode 6.83 vs 5.08 tok/s (1.34x).
 """
 
 from __future__ import annotations

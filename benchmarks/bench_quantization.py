@@ -22,6 +22,14 @@ benchmarks/common.py, reused from ``--out``):
 
 Prints a table per part and one JSON line per result.
 
+Measured here (``--parts decode --threads 1 --new-tokens 64``, 2026-11-25, C++ GEMV kernels, huge-page weights,
+the 2-core machine shared with another benchmark): bf16 11.6 tok/s (8.9 in a busier run); int8 1.31-1.35x bf16,
+int4 1.43-1.80x, their saved-and-reloaded checkpoints 1.04-1.68x (runs of one process each on a shared machine:
+the spread is noise, not the format); int8 peak RSS = baseline + 1.07x the model's bytes, 0.78x the bf16 run's.
+The GEMV kernels alone, one thread, a 272 MB lm_head-sized weight: bf16 12-16 GB/s (torch's 8.4-9), int8 ~11-15
+GB of codes/s (1.8x bf16's weights per second), int4 ~12.5 G weights/s: compute-bound on AVX2 (unpacking and
+converting nibbles costs more than reading them), 2x bf16, hence int4's decode gain falls short of 2.5x.
+
     python benchmarks/bench_quantization.py [--new-tokens 64] [--prompt-tokens 8] [--repeats 2] [--parts gemv decode logits]
 """
 
