@@ -35,8 +35,10 @@ kernels and huge-page weights): distinct images, 1 request: 4.26x transformers' 
 p50 57.4 s vs 473.3 s = 0.12x, p95 74.1 s; ITL p50 0.28 s vs 0.69 s a step), outputs identical 4/4; 4 questions
 about one image: 14.6x at 64, 7.68x at 256 (TTFT 0.041x; 2160 prompt tokens from the prefix cache, 3 image-cache
 hits), identical 4/4; a repeated image's TTFT 1.12 s against 18.6 s uncached and 23.0 s first (0.049x); a second
-chat turn 0.98 s (0.042x); peak RSS 4.6 GiB. 16 concurrent requests were not run: transformers' bf16 prefill of 16
-image prompts takes ~30 min here (473 s for 4).
+chat turn 0.98 s (0.042x); peak RSS 4.6 GiB. 16 distinct images (``--concurrency 16 --theirs-dtype float32``:
+transformers' bf16 prefill of 16 image prompts would take ~30 min here, so it ran in float32, its fastest on this
+CPU): 1.52x transformers' tok/s at 64 tokens, 1.96x at 256; TTFT p50 148 s vs 332 s (0.45x), p95 259 s; prefill
+0.79x theirs; ITL p50 1.37 s vs 3.06 s a 16-sequence step.
 """
 
 from __future__ import annotations
