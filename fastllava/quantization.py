@@ -497,7 +497,8 @@ class Int4Linear(QuantizedModule):
         x = _flat(x, self.in_features)
         if self.kernel == "gemv" and x.device.type == "cpu" and x.dtype in KERNEL_FLOAT_DTYPES:
             if few_row_kernel_applies(x, self.qweight, x.shape[0]):
-                out = torch.ops.fastllava.gemv_int4(x, self.qweight, self.scales, self.zeros, self.group_size, self.bias)
+                out = torch.ops.fastllava.gemv_int4(x, self.qweight, self.scales, self.zeros, self.group_size,
+                                                    self.bias)
                 return out.reshape(*shape[:-1], self.out_features)
             # many rows (a prefill): measured 744 x 896 -> 4864, one thread: 93 ms through a float32 copy of the
             # weight and float32 GEMM, against 156 ms in torch's int4 kernel

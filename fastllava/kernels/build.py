@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 
 SOURCES = ("gemv.cpp", "resample.cpp")
-_FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-std=c++17"] + (["-fopenmp"] if torch.__config__.parallel_info().find("OpenMP") >= 0 else [])
+_OPENMP = ["-fopenmp"] if "OpenMP" in torch.__config__.parallel_info() else []
+_FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-std=c++17"] + _OPENMP
 # -fopenmp: at::parallel_for in torch's headers is OpenMP code, serial without it. The library then needs
 # libgomp.so.1, which resolves to the copy torch has already loaded (same soname): one thread pool, sized by
 # torch.set_num_threads.
@@ -70,7 +71,7 @@ def _build() -> bool:
     directory.mkdir(parents=True, exist_ok=True)
     try:
         cpp_extension.load(name="fastllava_kernels", sources=[str(Path(__file__).parent / s) for s in SOURCES],
-                           extra_cflags=_FLAGS, extra_ldflags=[f for f in _FLAGS if f == "-fopenmp"],
+                           extra_cflags=_FLAGS, extra_ldflags=_OPENMP,
                            build_directory=str(directory), is_python_module=False,
                            verbose=False)
     except Exception as error:  # noqa: BLE001 - any build failure (no compiler, no ninja, bad flags) falls back
