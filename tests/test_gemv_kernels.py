@@ -32,7 +32,7 @@ def assert_close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> N
 
 
 @pytest.mark.parametrize("weight_dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 7, 9, 15])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 6, 7, 8, 10, 13, 16, 31, 63])  # streamed rows, then 3x4 tiles + rests
 @pytest.mark.parametrize("width", [8, 37, 64, 200])
 def test_half_precision_weights(kernels, weight_dtype, rows, width):
     torch.manual_seed(rows * 1000 + width)
@@ -53,7 +53,7 @@ def test_bias_leading_dimensions_and_float32_input(kernels):
     assert_close(kernels.gemv(x32, weight), reference(x32, weight), torch.float32)
 
 
-@pytest.mark.parametrize("rows", [1, 2, 3, 5, 8])
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 16, 22])
 def test_int8(kernels, rows):
     torch.manual_seed(rows)
     weight = torch.randn(53, 136) * 0.05
@@ -87,16 +87,17 @@ def test_int4(kernels, group, rows):
 def test_results_do_not_depend_on_the_thread_count(kernels):
     torch.manual_seed(0)
     weight = torch.randn(4096, 256, dtype=torch.bfloat16)
-    x = torch.randn(3, 256, dtype=torch.bfloat16)
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = kernels.gemv(x, weight)
-        torch.set_num_threads(2)
-        two = kernels.gemv(x, weight)
-    finally:
-        torch.set_num_threads(threads)
-    assert torch.equal(one, two)  # rows are split across threads, each output's sum is the same
+    for rows in (3, 16):  # streamed and tiled
+        x = torch.randn(rows, 256, dtype=torch.bfloat16)
+        threads = torch.get_num_threads()
+        try:
+            torch.set_num_threads(1)
+            one = kernels.gemv(x, weight)
+            torch.set_num_threads(2)
+            two = kernels.gemv(x, weight)
+        finally:
+            torch.set_num_threads(threads)
+        assert torch.equal(one, two)  # rows are split across threads, each output's sum is the same
 
 
 def test_meta_tensors_give_output_shapes(kernels):

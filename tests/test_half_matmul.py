@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from fastllava.models import half_matmul
-from fastllava.models.half_matmul import MIN_ROWS_IN_FLOAT32, Linear, PatchConv2d, linear
+from fastllava.models.half_matmul import KERNEL_MAX_ROWS, MIN_ROWS_IN_FLOAT32, Linear, PatchConv2d, linear
 
 
 @pytest.fixture
@@ -20,10 +20,11 @@ def mode(monkeypatch):
 def test_many_rows_are_computed_in_float32_and_rounded_once(mode):
     mode("float32")
     torch.manual_seed(0)
-    x = torch.randn(2, MIN_ROWS_IN_FLOAT32, 64, dtype=torch.bfloat16)
+    rows = max(MIN_ROWS_IN_FLOAT32, KERNEL_MAX_ROWS)  # past the C++ kernels' range too
+    x = torch.randn(2, rows // 2, 64, dtype=torch.bfloat16)
     layer = Linear(64, 48).to(torch.bfloat16)
     out = layer(x)
-    assert out.dtype == torch.bfloat16 and out.shape == (2, MIN_ROWS_IN_FLOAT32, 48)
+    assert out.dtype == torch.bfloat16 and out.shape == (2, rows // 2, 48)
     expected = F.linear(x.float(), layer.weight.float(), layer.bias.float()).to(torch.bfloat16)
     assert torch.equal(out, expected)
     native = F.linear(x, layer.weight, layer.bias)  # the same product up to summation order: a bf16 ulp at most
@@ -34,7 +35,8 @@ def test_few_rows_use_the_gemv_kernel_where_built_and_float32_inputs_stay_native
     mode("float32")
     torch.manual_seed(0)
     weight = torch.randn(48, 64, dtype=torch.bfloat16)
-    few = torch.randn(MIN_ROWS_IN_FLOAT32 - 1, 64, dtype=torch.bfloat16)
+    few = torch.randn((KERNEL_MAX_ROWS if cpu_kernels == "fastllava-gemv" else MIN_ROWS_IN_FLOAT32) - 1, 64,
+                      dtype=torch.bfloat16)
     calls = []
     if cpu_kernels == "fastllava-gemv":
         kernel = torch.ops.fastllava.gemv

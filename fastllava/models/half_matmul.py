@@ -6,10 +6,12 @@ product took 460 ms in bf16 and 92 ms when both operands were first converted to
 float32 GEMM); a 14x14 patch-embedding convolution on a 384 px image took 405 ms in bf16 and 20 ms in float32.
 So products with many rows (prefill, vision towers, training) are computed in float32 from the bf16 operands and
 rounded back to bf16 once: the same inputs, float32 accumulation like the native kernel, only the summation
-order differs (measured: 0.01% of outputs differ, by one bf16 ulp). Few-row products (decode, GEMV) cannot
-afford converting the whole weight per token (crossover measured at 8-16 rows): they go through fastllava's C++
-GEMV (``fastllava/kernels/gemv.cpp``: one weight stream at near read bandwidth, float32 accumulation, on any CPU
-with AVX2, 1.4-3x torch's bf16 GEMV) when it could be built, else torch's native kernel.
+order differs (measured: 0.01% of outputs differ, by one bf16 ulp). Few-row products (decode steps of up to
+a few dozen sequences) cannot afford converting the whole weight per step: below ``KERNEL_MAX_ROWS`` rows they go
+through fastllava's C++ kernels (``fastllava/kernels/gemv.cpp``: one weight stream at near read bandwidth for
+1-5 rows, a register-tiled product converting bf16 on the fly from 6; float32 accumulation, any CPU with AVX2;
+measured one thread, 2816x1024 weight: 0.2 vs 1.2 ms at 1 row, 1.5-1.8 vs 2.8-3.2 ms at 16, 5.6-6.3 vs
+6.7-7.3 ms at 64, even at 128), else torch's native kernel below ``MIN_ROWS_IN_FLOAT32`` (its crossover).
 
 Attention is the same story: one decode query over 800 cached bf16 tokens measured 7x slower than over float32
 ones, so caches of half-precision models on such CPUs store float32 (``kv_cache_dtype``).
@@ -31,7 +33,8 @@ from torch import nn
 from fastllava.kernels.build import gemv_kernels_available
 
 HALF_DTYPES = (torch.bfloat16, torch.float16)
-MIN_ROWS_IN_FLOAT32 = 16  # below this, a GEMV kernel wins (see the module docstring)
+MIN_ROWS_IN_FLOAT32 = 16  # below this, torch's own bf16 GEMV beats converting the weight (no C++ kernels)
+KERNEL_MAX_ROWS = 64  # below this, fastllava's C++ kernels beat converting the weight (see the docstring)
 
 
 @functools.lru_cache(maxsize=None)
@@ -65,7 +68,7 @@ def _float(t: torch.Tensor | None) -> torch.Tensor | None:
 
 def few_row_kernel_applies(x: torch.Tensor, weight: torch.Tensor, rows: int) -> bool:
     """Whether fastllava's C++ GEMV takes this product: few rows, CPU, no autograd, and the kernels built."""
-    if rows >= MIN_ROWS_IN_FLOAT32 or x.device.type != "cpu" or weight.device.type != "cpu":
+    if rows >= KERNEL_MAX_ROWS or x.device.type != "cpu" or weight.device.type != "cpu":
         return False
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
         return False  # the kernels have no backward
