@@ -18,9 +18,12 @@ from pathlib import Path
 
 import torch
 
-SOURCES = ("gemv.cpp", "resample.cpp")
+SOURCES = ("gemv.cpp", "resample.cpp", "pointwise.cpp")
+HEADERS = ("vector_math.h",)
 _OPENMP = ["-fopenmp"] if "OpenMP" in torch.__config__.parallel_info() else []
-_FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-std=c++17"] + _OPENMP
+_FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-std=c++17", "-ffp-contract=off"] + _OPENMP
+# -ffp-contract=off: a * b + c stays two roundings unless a kernel asks for an FMA by name (pointwise.cpp
+# reproduces PyTorch's roundings).
 # -fopenmp: at::parallel_for in torch's headers is OpenMP code, serial without it. The library then needs
 # libgomp.so.1, which resolves to the copy torch has already loaded (same soname): one thread pool, sized by
 # torch.set_num_threads.
@@ -45,7 +48,7 @@ def cpu_supported() -> bool:
 def build_directory() -> Path:
     here = Path(__file__).parent
     digest = hashlib.sha256()
-    for name in SOURCES:
+    for name in SOURCES + HEADERS:
         digest.update((here / name).read_bytes())
     digest.update(" ".join(_FLAGS).encode())
     digest.update(str(here.resolve()).encode())  # torch rebuilds when the source paths change: one dir per checkout

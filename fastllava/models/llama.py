@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from fastllava.config import TextConfig
@@ -23,6 +24,7 @@ from fastllava.models.activations import get_activation
 from fastllava.models.half_matmul import Linear
 from fastllava.models.attention import decoder_mask
 from fastllava.models.attention_plan import AttentionPlan, DensePlan
+from fastllava.models.fused_ops import joint_product, pointwise_ops_apply
 from fastllava.models.rope import apply_rotary, rotary_cos_sin
 
 
@@ -33,6 +35,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == self.weight.dtype and pointwise_ops_apply(x, self.weight):  # one op (models/fused_ops.py)
+            return torch.ops.fastllava.rms_norm(x, self.weight, self.eps)
         # Normalise in fp32 and cast back before the weight, as the reference does, so bf16 logits match.
         dtype = x.dtype
         x = x.float()
@@ -58,10 +62,16 @@ class DecoderAttention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, plan: AttentionPlan,
                 return_weights: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         batch, length, _ = x.shape
-        q = self.q_proj(x).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = self.k_proj(x).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
-        v = self.v_proj(x).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        projected = joint_product(self, ("q_proj", "k_proj", "v_proj"), x)  # one product when it can be
+        q, k, v = projected if projected is not None else (self.q_proj(x), self.k_proj(x), self.v_proj(x))
+        q = q.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = k.view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        v = v.view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        if cos.dtype == q.dtype and pointwise_ops_apply(q):  # in place: q and k are this call's own tensors
+            torch.ops.fastllava.rotary_(q, cos, sin)
+            torch.ops.fastllava.rotary_(k, cos, sin)
+        else:
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         out, weights = plan.attend(self.layer_index, q, k, v, self.attn_implementation, return_weights,
                                    self.dropout if self.training else 0.0)
         out = out.transpose(1, 2).reshape(batch, length, -1)  # (B, T, H*D)
@@ -78,6 +88,10 @@ class DecoderMLP(nn.Module):
         self.act = get_activation(config.hidden_act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.act is F.silu and pointwise_ops_apply(x):  # the gated SiLU as one op (models/fused_ops.py)
+            projected = joint_product(self, ("gate_proj", "up_proj"), x)
+            gate, up = projected if projected is not None else (self.gate_proj(x), self.up_proj(x))
+            return self.down_proj(torch.ops.fastllava.silu_mul(gate, up))
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
 
 
