@@ -23,6 +23,8 @@
 #include <torch/library.h>
 #include <immintrin.h>
 
+#include "vector_math.h"
+
 #include <cstdint>
 #include <cstring>
 #include <optional>
@@ -32,41 +34,26 @@ namespace {
 
 constexpr int64_t kPrefetchBytes = 1024;
 
-inline float horizontal_sum(__m256 v) {
-  __m128 lo = _mm256_castps256_ps128(v), hi = _mm256_extractf128_ps(v, 1);
-  lo = _mm_add_ps(lo, hi);
-  lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
-  lo = _mm_add_ss(lo, _mm_movehdup_ps(lo));
-  return _mm_cvtss_f32(lo);
-}
+using fastllava::horizontal_sum;
 
 // Weight element types: how to load 8 of them as floats, and one (for a tail of K % 8 columns).
 struct Bf16Weights {
   using Element = at::BFloat16;
-  const uint16_t* data;
+  using V = fastllava::Vec<at::BFloat16>;
+  const at::BFloat16* data;
   int64_t K;
-  static inline __m256 load8(const uint16_t* p) {  // a bf16 is the top half of a float
-    __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
-  }
-  inline __m256 load(int64_t row, int64_t k) const { return load8(data + row * K + k); }
-  inline float at(int64_t row, int64_t k) const {
-    uint32_t wide = static_cast<uint32_t>(data[row * K + k]) << 16;
-    float out;
-    std::memcpy(&out, &wide, sizeof(out));
-    return out;
-  }
+  inline __m256 load(int64_t row, int64_t k) const { return V::load(data + row * K + k); }
+  inline float at(int64_t row, int64_t k) const { return V::load1(data + row * K + k); }
   inline const char* address(int64_t row, int64_t k) const { return reinterpret_cast<const char*>(data + row * K + k); }
 };
 
 struct Fp16Weights {
   using Element = at::Half;
-  const uint16_t* data;
+  using V = fastllava::Vec<at::Half>;
+  const at::Half* data;
   int64_t K;
-  inline __m256 load(int64_t row, int64_t k) const {
-    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(data + row * K + k)));
-  }
-  inline float at(int64_t row, int64_t k) const { return _cvtsh_ss(data[row * K + k]); }
+  inline __m256 load(int64_t row, int64_t k) const { return V::load(data + row * K + k); }
+  inline float at(int64_t row, int64_t k) const { return V::load1(data + row * K + k); }
   inline const char* address(int64_t row, int64_t k) const { return reinterpret_cast<const char*>(data + row * K + k); }
 };
 
@@ -197,22 +184,66 @@ void check_cpu(const at::Tensor& t, const char* what) {
   TORCH_CHECK(t.is_contiguous(), "fastllava gemv: ", what, " must be contiguous");
 }
 
+// x as (M, K) float32 rows: converted here, not by a dispatched .to() (decode calls this ~100 times a token).
 at::Tensor float_rows(const at::Tensor& x, int64_t K) {
   TORCH_CHECK(x.device().is_cpu(), "fastllava gemv: the input must be on the CPU");
   TORCH_CHECK(x.dim() >= 1 && x.size(-1) == K, "fastllava gemv: input width ", x.size(-1),
               " does not match the weight's ", K);
-  return x.reshape({-1, K}).to(at::kFloat).contiguous();
+  const at::ScalarType dtype = x.scalar_type();
+  if (dtype != at::kBFloat16 && dtype != at::kHalf) return x.reshape({-1, K}).to(at::kFloat).contiguous();
+  const at::Tensor rows = x.reshape({-1, K}).contiguous();
+  at::Tensor out = at::empty(rows.sizes(), rows.options().dtype(at::kFloat));
+  const int64_t count = rows.numel();
+  float* dst = out.data_ptr<float>();
+  auto convert = [&](auto tag) {
+    using V = fastllava::Vec<decltype(tag)>;
+    const auto* src = reinterpret_cast<const decltype(tag)*>(rows.data_ptr());
+    int64_t i = 0;
+    for (; i + 8 <= count; i += 8) _mm256_storeu_ps(dst + i, V::load(src + i));
+    for (; i < count; ++i) dst[i] = V::load1(src + i);
+  };
+  if (dtype == at::kBFloat16) convert(at::BFloat16{});
+  else convert(at::Half{});
+  return out;
 }
 
-// (M, N) float32 -> x's leading shape with N columns, in x's dtype, + bias.
-at::Tensor finish(at::Tensor out, const at::Tensor& x, int64_t N, const std::optional<at::Tensor>& bias) {
-  if (bias.has_value()) {
-    TORCH_CHECK(bias->numel() == N, "fastllava gemv: bias has ", bias->numel(), " values for ", N, " outputs");
-    out.add_(bias->to(at::kFloat).reshape({1, N}));
-  }
+// (M, N) float32 -> x's leading shape with N columns in x's dtype, + bias: one pass (the sum rounded once).
+at::Tensor finish(const at::Tensor& out, const at::Tensor& x, int64_t N, const std::optional<at::Tensor>& bias) {
   auto sizes = x.sizes().vec();
   sizes.back() = N;
-  return out.view(sizes).to(x.scalar_type());
+  at::Tensor bias_f;
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->numel() == N, "fastllava gemv: bias has ", bias->numel(), " values for ", N, " outputs");
+    bias_f = bias->to(at::kFloat).contiguous();
+  }
+  const at::ScalarType dtype = x.scalar_type();
+  if (dtype != at::kBFloat16 && dtype != at::kHalf) {
+    if (bias_f.defined()) out.add_(bias_f.reshape({1, N}));
+    return out.view(sizes).to(dtype);
+  }
+  at::Tensor result = at::empty(sizes, x.options().memory_format(at::MemoryFormat::Contiguous));
+  const int64_t M = out.size(0);
+  const float* src = out.data_ptr<float>();
+  const float* b = bias_f.defined() ? bias_f.data_ptr<float>() : nullptr;
+  auto convert = [&](auto tag) {
+    using T = decltype(tag);
+    using V = fastllava::Vec<T>;
+    T* dst = reinterpret_cast<T*>(result.data_ptr());
+    for (int64_t m = 0; m < M; ++m) {
+      const float* row = src + m * N;
+      T* target = dst + m * N;
+      int64_t n = 0;
+      for (; n + 8 <= N; n += 8) {
+        __m256 v = _mm256_loadu_ps(row + n);
+        if (b) v = _mm256_add_ps(v, _mm256_loadu_ps(b + n));
+        V::store(target + n, v);
+      }
+      for (; n < N; ++n) target[n] = static_cast<T>(b ? row[n] + b[n] : row[n]);
+    }
+  };
+  if (dtype == at::kBFloat16) convert(at::BFloat16{});
+  else convert(at::Half{});
+  return result;
 }
 
 at::Tensor gemv(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
@@ -222,11 +253,10 @@ at::Tensor gemv(const at::Tensor& x, const at::Tensor& weight, const std::option
   at::Tensor xf = float_rows(x, K);
   const int64_t M = xf.size(0);
   at::Tensor out = at::empty({M, N}, xf.options());
-  const auto* data = reinterpret_cast<const uint16_t*>(weight.data_ptr());
   if (weight.scalar_type() == at::kBFloat16) {
-    dot_all_rows(Bf16Weights{data, K}, xf.data_ptr<float>(), M, N, K, out.data_ptr<float>());
+    dot_all_rows(Bf16Weights{weight.data_ptr<at::BFloat16>(), K}, xf.data_ptr<float>(), M, N, K, out.data_ptr<float>());
   } else if (weight.scalar_type() == at::kHalf) {
-    dot_all_rows(Fp16Weights{data, K}, xf.data_ptr<float>(), M, N, K, out.data_ptr<float>());
+    dot_all_rows(Fp16Weights{weight.data_ptr<at::Half>(), K}, xf.data_ptr<float>(), M, N, K, out.data_ptr<float>());
   } else {
     TORCH_CHECK(false, "fastllava gemv: weights must be bf16 or fp16, got ", weight.scalar_type());
   }
