@@ -7,6 +7,10 @@ Sections (``--only`` picks some):
 
 * ``kv-layout``: the measurement behind engine/kv_pool.py - SDPA of one decode query over a contiguous
   per-sequence cache vs over blocks gathered from a paged pool, fp32 and bf16 (one layer, 16 heads x 64).
+* ``decode-attention``: the measurement behind fastllava/kernels/attention.cpp and the KV cache dtype
+  (models/half_matmul.py resolve_kv_dtype): one decode query over 256/800 cached tokens (16/16 and 14/2 heads),
+  the C++ kernel over bf16 and fp32 caches vs SDPA and the PyTorch single-query path, in cache and cold; and SDPA
+  of a 750-token prefill chunk over fp32 vs bf16 caches.
 * ``throughput``: N concurrent requests with distinct images, all arriving at once: transformers' batched
   ``generate`` (left-padded) vs the engine. Generated tok/s, p50/p95 time to first token and inter-token latency
   (transformers' per-step times are taken by a logits processor), the engine's prefill phase against the compute
@@ -126,6 +130,99 @@ def bench_kv_layout(lengths: tuple[int, ...] = (256, 800), repeats: int = 20) ->
                              "contiguous_ms": times["contiguous"], "paged_blocks_ms": times["paged_blocks"],
                              "paged_slots_ms": times["paged_slots"],
                              "ratio_blocks_over_contiguous": times["paged_blocks"] / times["contiguous"]})
+    finally:
+        torch.set_num_threads(threads)
+    return rows
+
+
+def bench_decode_attention(lengths: tuple[int, ...] = (256, 800),
+                           head_configs: tuple[tuple[int, int], ...] = ((16, 16), (14, 2)),
+                           repeats: int = 20, cold_bytes: int = 256 << 20) -> list[dict[str, Any]]:
+    """One decode query over a sequence's cached K/V (a strided view of its own storage, as the engine reads it),
+    per layer, one thread: fastllava's C++ kernel over bf16 and fp32 caches vs torch's SDPA (fp32, bf16) and vs
+    the PyTorch single-query path (models/attention.py). ``warm``: the same layer again and again (in cache);
+    ``cold``: a rotation through distinct layers totalling ``cold_bytes`` (> L3), as a real step reads them."""
+    from fastllava.kernels.build import gemv_kernels_available
+    from fastllava.models.attention import _single_query_torch
+
+    kernel = gemv_kernels_available()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    dim = 64
+    rows = []
+    try:
+        for heads, kv_heads in head_configs:
+            for length in lengths:
+                row: dict[str, Any] = {"bench": "decode-attention", "heads": heads, "kv_heads": kv_heads,
+                                       "head_dim": dim, "cached_tokens": length}
+                for dtype in (torch.float32, torch.bfloat16):
+                    name = "fp32" if dtype == torch.float32 else "bf16"
+                    g = torch.Generator().manual_seed(0)
+                    layer_bytes = 2 * kv_heads * (length + 64) * dim * dtype.itemsize
+                    count = max(2, cold_bytes // layer_bytes)
+                    storages = [torch.randn(2, kv_heads, length + 64, dim, generator=g).to(dtype) for _ in range(count)]
+                    q = torch.randn(1, heads, 1, dim, generator=g).to(dtype)
+                    views = [(s[0, :, :length][None], s[1, :, :length][None]) for s in storages]
+                    candidates = {
+                        f"sdpa_{name}": lambda k, v: F.scaled_dot_product_attention(q, k, v,
+                                                                                    enable_gqa=heads != kv_heads),
+                        f"torch_single_query_{name}": lambda k, v: _single_query_torch(q, k, v, None),
+                    }
+                    if kernel:
+                        candidates[f"ours_{name}"] = lambda k, v: torch.ops.fastllava.decode_attention(
+                            q[:, :, 0], k, v, None, dim ** -0.5)
+                    for label, fn in candidates.items():
+                        row[f"{label}_warm_ms"] = best_time(lambda: fn(*views[0]), repeats) * 1e3
+                        for k, v in views[: min(4, count)]:
+                            fn(k, v)
+                        best = float("inf")
+                        for _ in range(max(1, repeats // 10)):
+                            start = time.perf_counter()
+                            for k, v in views:
+                                fn(k, v)
+                            best = min(best, (time.perf_counter() - start) / count)
+                        row[f"{label}_cold_ms"] = best * 1e3
+                    del storages, views
+                if kernel:
+                    row["ours_bf16_over_sdpa_fp32_cold"] = row["ours_bf16_cold_ms"] / row["sdpa_fp32_cold_ms"]
+                rows.append(row)
+    finally:
+        torch.set_num_threads(threads)
+    return rows
+
+
+def bench_prefill_attention(chunk: int = 750, pasts: tuple[int, ...] = (0, 750),
+                            repeats: int = 15) -> list[dict[str, Any]]:
+    """SDPA of a prefill chunk over a sequence's cache (16 heads x 64, one thread), the cache in fp32 or bf16, and
+    bf16 cast to fp32 first (the view's copy included): the other half of the KV-dtype decision."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    heads, dim = 16, 64
+    rows = []
+    try:
+        for past in pasts:
+            total = past + chunk
+            g = torch.Generator().manual_seed(0)
+            storage = torch.randn(2, heads, total + 64, dim, generator=g)
+            q = torch.randn(1, heads, chunk, dim, generator=g)
+            mask = None if past == 0 else (torch.arange(past, total)[:, None] - torch.arange(total)[None]) >= 0
+            row: dict[str, Any] = {"bench": "prefill-attention", "heads": heads, "head_dim": dim, "chunk": chunk,
+                                   "past": past}
+            for label, dtype, cast in (("fp32", torch.float32, False), ("bf16", torch.bfloat16, False),
+                                       ("bf16_cast_fp32", torch.bfloat16, True)):
+                own = storage.to(dtype)
+                query = q.to(dtype)
+
+                def run():
+                    k, v = own[0, :, :total][None], own[1, :, :total][None]
+                    qq = query
+                    if cast:
+                        qq, k, v = query.float(), k.float(), v.float()
+                    out = F.scaled_dot_product_attention(qq, k, v, attn_mask=mask, is_causal=mask is None)
+                    return out.to(dtype)
+
+                row[f"{label}_ms"] = best_time(run, repeats) * 1e3
+            rows.append(row)
     finally:
         torch.set_num_threads(threads)
     return rows
@@ -348,7 +445,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--toy", action="store_true", help="the same architecture at toy size (tests of this script)")
     parser.add_argument("--only", nargs="+", default=["kv-layout", "throughput", "shared-images", "repeat"],
-                        choices=["kv-layout", "throughput", "shared-images", "repeat"])
+                        choices=["kv-layout", "decode-attention", "throughput", "shared-images", "repeat"])
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     rows: list[dict[str, Any]] = []
@@ -360,7 +457,10 @@ def main() -> None:
 
     if "kv-layout" in args.only:
         report(bench_kv_layout())
-    if set(args.only) == {"kv-layout"}:
+    if "decode-attention" in args.only:
+        report(bench_decode_attention())
+        report(bench_prefill_attention())
+    if set(args.only) <= {"kv-layout", "decode-attention"}:
         return
 
     import transformers

@@ -29,6 +29,20 @@ def test_kv_layout_measures_every_layout():
     assert all(r["contiguous_ms"] > 0 and r["paged_blocks_ms"] > 0 for r in rows)
 
 
+def test_decode_attention_measures_every_variant(cpu_kernels):
+    bench = load_bench()
+    rows = bench.bench_decode_attention(lengths=(16,), head_configs=((4, 2),), repeats=2, cold_bytes=1 << 20)
+    assert len(rows) == 1 and rows[0]["bench"] == "decode-attention"
+    names = ["sdpa_fp32", "sdpa_bf16", "torch_single_query_fp32", "torch_single_query_bf16"]
+    if cpu_kernels == "fastllava-gemv":
+        names += ["ours_fp32", "ours_bf16"]
+    assert all(rows[0][f"{name}_{kind}_ms"] > 0 for name in names for kind in ("warm", "cold"))
+    assert ("ours_bf16_warm_ms" in rows[0]) == (cpu_kernels == "fastllava-gemv")
+    prefill = bench.bench_prefill_attention(chunk=8, pasts=(0, 8), repeats=1)
+    assert [r["past"] for r in prefill] == [0, 8]
+    assert all(r[f"{name}_ms"] > 0 for r in prefill for name in ("fp32", "bf16", "bf16_cast_fp32"))
+
+
 def test_toy_run_reports_ratios_and_identical_outputs(tmp_path, monkeypatch, capsys):
     bench = load_bench()
     threads = torch.get_num_threads()

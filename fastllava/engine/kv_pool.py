@@ -13,7 +13,8 @@ text model, one decode query, one layer): SDPA over a strided view of a contiguo
 0.14 ms (256 cached tokens) / 0.26 ms (800) in fp32, while first gathering the sequence's 16-token blocks out
 of a shared 16k-token pool takes 1.6 / 10.7 ms (12-41x; gathering single slots 0.18 / 0.87 ms, 1.3-3.3x); in
 bf16 the gather adds 31-43 % (0.54 -> 0.71 ms, 1.87 -> 2.67 ms). That gather would repeat for every layer of
-every sequence at every step: without a paged-attention kernel on CPU, paging only moves bytes. What paging buys (no fragmentation, sharing) is kept where it matters: capacity
+every sequence at every step: without a paged-attention kernel on CPU, paging only moves bytes (the C++ decode
+attention, kernels/attention.cpp, reads the same strided per-sequence views). What paging buys (no fragmentation, sharing) is kept where it matters: capacity
 is accounted and grown in blocks (growth copies are amortised: +25 % or at least 4 blocks at a time, never past
 the sequence's own limit), and prefix sharing copies a cached prefix once at admission (or adopts a retired
 storage outright), which costs milliseconds against the seconds its prefill would take.

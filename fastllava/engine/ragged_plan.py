@@ -8,10 +8,15 @@ positions [past, past + T) of that sequence's own storage and runs SDPA of those
 one. So every linear layer of the model runs once per step over all N rows (prefill chunks and decode tokens
 alike) and only attention is per sequence; the model code is the one ``TextModel.run_layers`` path.
 
-Measured choices (see benchmarks/bench_engine.py --only kv-layout): SDPA with ``enable_gqa`` instead of
-repeating K/V heads (no copy, 1.2-2x faster for grouped-query models); masks only when needed (a decode row
-needs none, a first chunk is ``is_causal``); the storage may be fp32 for a bf16 model (``kv_cache_dtype``):
-queries are cast up and outputs back down.
+Measured choices (see benchmarks/bench_engine.py --only kv-layout decode-attention): a decode row (T = 1) goes
+through fastllava's C++ single-query kernel (``torch.ops.fastllava.decode_attention``, kernels/attention.cpp)
+over the same strided view, in the storage's own dtype (bf16 for a bf16 model: half the bytes, and 0.25 against
+1.0 ms a layer for SDPA over float32 at 800 cached tokens), a sliding window as its ``valid`` mask; prefill
+chunks, and decode rows when the kernels are off, use SDPA with ``enable_gqa`` instead of repeating K/V heads (no
+copy, 1.2-2x faster for grouped-query models) and masks only when needed (a decode row needs none, a first chunk
+is ``is_causal``). The storage may have another dtype than the model (``kv_cache_dtype``; float32 by default
+only without the kernels, see half_matmul.resolve_kv_dtype): SDPA's queries are then cast to it and its outputs
+back, the kernel takes the model's queries and answers in their dtype.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from fastllava.engine.kv_pool import SequenceKV
+from fastllava.models.attention import decode_kernel_applies
 
 
 @dataclass
@@ -68,10 +74,19 @@ class RaggedPlan:
         out = torch.empty_like(q)
         window = self.windows[layer]
         gqa = q.shape[1] != k.shape[1]
+        kernel = None
         for index, seg in enumerate(self.segments):
             a, b = seg.start, seg.end
             seg.kv.write(layer, seg.past, k[:, :, a:b], v[:, :, a:b])
             keys, values = seg.kv.view(layer, seg.past + b - a)  # (1, H_kv, L, D)
+            if b - a == 1:
+                if kernel is None:
+                    kernel = decode_kernel_applies(q, keys, values)
+                if kernel:  # a decode row: the C++ kernel, in the cache's dtype, a window as its `valid` mask
+                    mask, _ = self._mask(index, seg, window)
+                    out[:, :, a] = torch.ops.fastllava.decode_attention(q[:, :, a], keys, values, mask,
+                                                                        q.shape[-1] ** -0.5)
+                    continue
             query = q[:, :, a:b]
             if query.dtype != keys.dtype:
                 query = query.to(keys.dtype)

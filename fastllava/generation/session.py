@@ -23,7 +23,8 @@ class DecodeSession:
         self.model = model
         self.text_model = model.model.language_model
         # Capacities come in buckets so the fixed-shape decode step is reused (and compiled) per bucket.
-        # dtype None: the model's, or float32 for a bf16 model on a CPU without bf16 arithmetic (resolve_kv_dtype)
+        # dtype None: the model's, or float32 for a bf16 model on a CPU without bf16 arithmetic when the C++ decode
+        # attention is unavailable (resolve_kv_dtype)
         self.cache = KVCache.for_config(model.config.text_config, batch_size, bucket_capacity(capacity),
                                         dtype or resolve_kv_dtype("auto", model.dtype, model.device), model.device)
         self.step_runner = StepRunner(model, compile)

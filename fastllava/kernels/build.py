@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-SOURCES = ("gemv.cpp", "resample.cpp", "pointwise.cpp")
+SOURCES = ("gemv.cpp", "resample.cpp", "attention.cpp", "pointwise.cpp")
 HEADERS = ("vector_math.h",)
 _OPENMP = ["-fopenmp"] if "OpenMP" in torch.__config__.parallel_info() else []
 _FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-std=c++17", "-ffp-contract=off"] + _OPENMP

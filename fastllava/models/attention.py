@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from fastllava.kernels.build import gemv_kernels_available
+
 ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
 
 
@@ -73,10 +75,44 @@ def attend(
     return out, None
 
 
+def decode_kernel_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether fastllava's C++ single-query attention (``torch.ops.fastllava.decode_attention``, see
+    fastllava/kernels/attention.cpp) can take this call: CPU tensors of fp32/bf16/fp16 with contiguous rows, no
+    autograd (the kernel has no backward), and the kernels built (``FASTLLAVA_KERNELS=0`` keeps PyTorch's ops)."""
+    if q.device.type != "cpu" or k.device.type != "cpu" or v.device.type != "cpu":
+        return False
+    if q.dtype not in _KERNEL_DTYPES or k.dtype not in _KERNEL_DTYPES or v.dtype != k.dtype:
+        return False
+    if k.stride(-1) != 1 or v.stride(-1) != 1:
+        return False
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return False
+    return gemv_kernels_available()
+
+
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
 def _single_query(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """One query per sequence (a decode step) on CPU: the query heads that share a K/V head are multiplied with
-    it as one (groups, D) block, so K/V are never repeated per head. Measured (one thread, 14 query / 2 K/V heads,
-    760 cached fp32 positions, with a mask): 0.2 ms a layer against 0.9 ms for SDPA over repeated K/V."""
+    """One query per sequence (a decode step) on CPU. With the C++ kernels: ``decode_attention``, which reads each
+    K/V row once for all the query heads sharing it, in the cache's own dtype (measured in
+    benchmarks/bench_engine.py --only decode-attention; the figures are in half_matmul.resolve_kv_dtype).
+    Otherwise PyTorch: the query heads that share a K/V head are multiplied with it as one (groups, D) block, so
+    K/V are never repeated per head. Measured (one thread, 14 query / 2 K/V heads, 760 cached fp32 positions, with
+    a mask): 0.2 ms a layer against 0.9 ms for SDPA over repeated K/V."""
+    batch, heads, _, dim = q.shape
+    simple_mask = mask is None or (mask.dtype == torch.bool and mask.dim() == 4 and mask.shape[1:3] == (1, 1)
+                                   and mask.shape[0] in (1, batch) and mask.shape[3] == k.shape[2])
+    if simple_mask and k.shape[0] == batch and decode_kernel_applies(q, k, v):
+        valid = None
+        if mask is not None:  # (B|1, 1, 1, S) -> (B, S), a view
+            valid = mask.reshape(mask.shape[0], mask.shape[-1]).expand(batch, k.shape[2])
+        out = torch.ops.fastllava.decode_attention(q.reshape(batch, heads, dim), k, v, valid, dim ** -0.5)
+        return out.reshape(batch, heads, 1, dim)
+    return _single_query_torch(q, k, v, mask)
+
+
+def _single_query_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     batch, heads, _, dim = q.shape
     kv_heads = k.shape[1]
     grouped = q.reshape(batch, kv_heads, heads // kv_heads, dim)  # head h reads K/V head h // groups

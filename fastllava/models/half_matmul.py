@@ -106,13 +106,29 @@ class PatchConv2d(nn.Conv2d):
 
 def resolve_kv_dtype(kv_cache_dtype: str | torch.dtype, model_dtype: torch.dtype,
                      device: torch.device | str = "cpu") -> torch.dtype:
-    """The KV cache's dtype. "auto": the model's, except float32 for a bf16/fp16 model on a CPU computing half
-    products in float32 (SDPA of one decode query over 800 cached tokens: 1.87 ms in bf16 against 0.26 ms in
-    float32 per layer, benchmarks/bench_engine.py --only kv-layout); the cache then costs twice the bytes."""
+    """The KV cache's dtype. "auto": the model's (half the bytes of float32; transformers keeps it too), except
+    float32 for a bf16/fp16 model on a CPU computing half products in float32 when fastllava's C++ decode
+    attention (fastllava/kernels/attention.cpp) is not available (``FASTLLAVA_KERNELS=0``, no compiler or no
+    AVX2): torch's SDPA of one decode query over 800 cached bf16 tokens is 7x slower than over float32.
+
+    Measured (AVX2 EPYC, one thread, 2 cores shared with other work; benchmarks/bench_engine.py --only
+    decode-attention), one decode query, one layer, 16/16 heads x 64, 800 cached tokens, caches read cold (a
+    rotation through 256 MB, as a real step reads them) / warm: the kernel over bf16 0.25 / 0.13 ms, over float32
+    0.76 / 0.15 ms; SDPA over float32 1.01 / 0.22 ms, over bf16 2.28 / 1.71 ms (256 tokens: kernel bf16 0.12 /
+    0.06, SDPA float32 0.34 / 0.08). 14/2 heads, 800 tokens: kernel bf16 0.18 / 0.11, float32 0.20 / 0.09, SDPA
+    float32 0.38 / 0.18. Prefill chunks still run SDPA over the cache: a 750-token chunk over bf16 took 29.8 ms
+    against 27.2 ms over float32 (78.3 vs 75.4 over 1500 positions), +4-9 % of the attention and ~1 % of the
+    chunk's prefill (~250 ms a layer here); casting the view to float32 first did not recover it (31.0 / 78.5 ms), so it is not done.
+    Whole engine decode step, 16 sequences at 760-820 cached tokens (llava-interleave-qwen-0.5b, bf16 weights;
+    medians of 15 steps per mode, interleaved in one process): 0.632 s with SDPA over float32 caches (before),
+    0.626 s with the kernel over float32, 0.446 s with the kernel over bf16 (-29 %; profiled attention 260, 218
+    and 112 ms a step; KV memory 2.4 -> 1.2 GiB). So with the kernel the model's dtype is both the smaller and the
+    faster cache."""
     if isinstance(kv_cache_dtype, torch.dtype):
         return kv_cache_dtype
     if kv_cache_dtype == "auto":
-        if model_dtype in HALF_DTYPES and torch.device(device).type == "cpu" and half_products_in_float32():
+        if model_dtype in HALF_DTYPES and torch.device(device).type == "cpu" and half_products_in_float32() \
+                and not gemv_kernels_available():
             return torch.float32
         return model_dtype
     names = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
