@@ -13,8 +13,9 @@ through fastllava's C++ kernels (``fastllava/kernels/gemv.cpp``: one weight stre
 measured one thread, 2816x1024 weight: 0.2 vs 1.2 ms at 1 row, 1.5-1.8 vs 2.8-3.2 ms at 16, 5.6-6.3 vs
 6.7-7.3 ms at 64, even at 128), else torch's native kernel below ``MIN_ROWS_IN_FLOAT32`` (its crossover).
 
-Attention is the same story: one decode query over 800 cached bf16 tokens measured 7x slower than over float32
-ones, so caches of half-precision models on such CPUs store float32 (``kv_cache_dtype``).
+Attention is the same story: torch's SDPA of one decode query over 800 cached bf16 tokens measured 7x slower than
+over float32 ones, so without the C++ kernels (whose decode attention reads bf16 at full speed) caches of
+half-precision models on such CPUs store float32 (``resolve_kv_dtype``).
 
 ``FASTLLAVA_HALF_MATMUL`` = ``auto`` (default: float32 when the CPU lacks bf16 arithmetic), ``float32`` or
 ``native`` (torch's own kernels for every product, the GEMV kernels included) overrides the choice;
