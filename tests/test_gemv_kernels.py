@@ -1,5 +1,7 @@
 """fastllava's C++ GEMV kernels (fastllava/kernels/gemv.cpp) against float64 references: every weight format,
-row counts on both sides of the register tiles, widths with tails, bias, leading dimensions, threads, the
+row counts on both sides of the register tiles, widths with tails, bias, leading dimensions, threads, the int4
+kernel with int8-quantized activations (against a reference that rounds them the same way, and within the
+rounding's bound of the unquantized product), the
 shapes torch.compile sees, and clear errors. The build itself is required here (g++ and ninja are on every
 machine this project runs CI on): a failed build fails these tests."""
 
@@ -10,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from fastllava.kernels import build
-from fastllava.quantization import dequantize_int4, quantize_int4, quantize_int8
+from fastllava.quantization import dequantize_int4, quantize_int4, quantize_int8, unpack_nibbles
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -84,6 +86,81 @@ def test_int4(kernels, group, rows):
                      torch.bfloat16)
 
 
+def quantize_activations(x: torch.Tensor) -> torch.Tensor:
+    """gemv_int4_q8's activation rounding, in float32 as the kernel does it: per block of 32 columns
+    d = max|x| / 127, q = round-half-even(x / d) (0 for an all-zero block); returns q * d in float64."""
+    blocks = x.float().reshape(*x.shape[:-1], -1, 32)
+    d = blocks.abs().amax(-1, keepdim=True) / 127
+    q = torch.where(d == 0, torch.zeros_like(blocks), torch.round(blocks / torch.where(d == 0, 1, d)))
+    assert bool((q.abs() <= 127).all())
+    return (q.double() * d.double()).reshape(x.shape)
+
+
+def int4_q8_reference(x, packed, scales, zeros, group, bias=None):
+    """float64: sum_g scale_g * ((codes - 8) . quantized x)_g + zero_g * sum(x_g), the zeros' part from the
+    unquantized x (as the kernel computes it); and a bound on its distance from the unquantized product:
+    |x - q d| <= d / 2 per column, so |error| <= sum_k |scale_g(k) * (code_k - 8)| * d(k) / 2."""
+    rows, width = x.shape
+    n = packed.shape[0]
+    codes = unpack_nibbles(packed).double().view(n, width // group, group) - 8
+    s, z = scales.double(), zeros.double()
+    xq = quantize_activations(x).view(rows, width // group, group)
+    out = torch.einsum("mgk,ngk,ng->mn", xq, codes, s)
+    out += torch.einsum("mg,ng->mn", x.double().view(rows, width // group, group).sum(-1), z)
+    if bias is not None:
+        out += bias.double()
+    half_step = (x.float().reshape(rows, -1, 32).abs().amax(-1, keepdim=True).double() / 127 / 2)
+    half_step = half_step.expand(rows, width // 32, 32).reshape(rows, width // group, group)
+    bound = torch.einsum("mgk,ngk,ng->mn", half_step, codes.abs(), s.abs())
+    return out, bound
+
+
+@pytest.mark.parametrize("group", [32, 64, 128, 256])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 6, 7, 8, 16])  # 4-row passes, then 2, then 1
+def test_int4_with_int8_activations(kernels, group, rows):
+    torch.manual_seed(group * 100 + rows)
+    for width in sorted({group, 2 * group, 3 * group, 512, 1024 + group}):  # odd and even numbers of 32-blocks
+        weight = torch.randn(37, width) * 0.05
+        for scale_dtype in (torch.bfloat16, torch.float16, torch.float32):
+            packed, scales, zeros = quantize_int4(weight, group, scale_dtype)
+            dequantized = dequantize_int4(packed, scales, zeros, torch.float64)
+            x = torch.randn(rows, width)
+            x[0, :32] = 0  # an all-zero block
+            x[-1, 32:64] *= 100  # a block with a large range
+            bias = torch.randn(37)
+            for xd in (x, x.bfloat16(), x.half()):
+                got = kernels.gemv_int4_q8(xd, packed, scales, zeros, group, bias)
+                want, bound = int4_q8_reference(xd, packed, scales, zeros, group, bias)
+                assert_close(got, want, xd.dtype)  # the same activation rounding: exact up to float32 sums
+                # against the unquantized product: within the activation rounding's bound (+ output rounding)
+                exact = reference(xd, dequantized, bias)
+                ulp = {torch.bfloat16: 2 ** -8, torch.float16: 2 ** -11, torch.float32: 2 ** -20}[xd.dtype]
+                slack = exact.abs() * ulp + 1e-4 * exact.abs().max()
+                assert bool(((got.double() - exact).abs() <= bound + slack).all())
+            # the activation rounding is small next to the int4 weights' own error
+            float_kernel = kernels.gemv_int4(x, packed, scales, zeros, group, bias).double()
+            int8_kernel = kernels.gemv_int4_q8(x, packed, scales, zeros, group, bias).double()
+            assert ((int8_kernel - float_kernel).norm() / float_kernel.norm()).item() < 0.02
+
+
+def test_int4_with_int8_activations_on_leading_dimensions_and_thread_counts(kernels):
+    torch.manual_seed(1)
+    weight = torch.randn(4099, 256) * 0.05  # thousands of rows: both threads get work
+    packed, scales, zeros = quantize_int4(weight, 64, torch.bfloat16)
+    x = torch.randn(2, 3, 256, dtype=torch.bfloat16)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = kernels.gemv_int4_q8(x, packed, scales, zeros, 64)
+        torch.set_num_threads(2)
+        two = kernels.gemv_int4_q8(x, packed, scales, zeros, 64)
+    finally:
+        torch.set_num_threads(threads)
+    assert one.shape == (2, 3, 4099) and torch.equal(one, two)
+    want, _ = int4_q8_reference(x.reshape(6, 256), packed, scales, zeros, 64)
+    assert_close(one.reshape(6, 4099), want, torch.bfloat16)
+
+
 def test_results_do_not_depend_on_the_thread_count(kernels):
     torch.manual_seed(0)
     weight = torch.randn(4096, 256, dtype=torch.bfloat16)
@@ -106,6 +183,7 @@ def test_meta_tensors_give_output_shapes(kernels):
     codes = torch.empty(48, 32, device="meta", dtype=torch.uint8)
     scales = torch.empty(48, 1, device="meta")
     assert kernels.gemv_int4(x, codes, scales, scales, 64).shape == (2, 5, 48)
+    assert kernels.gemv_int4_q8(x, codes, scales, scales, 64).shape == (2, 5, 48)
 
 
 def test_bad_inputs_are_clear_errors(kernels):
@@ -124,6 +202,18 @@ def test_bad_inputs_are_clear_errors(kernels):
         kernels.gemv_int4(torch.randn(1, 64), packed, s, z, 48)
     with pytest.raises(RuntimeError, match="group size 16 is not one of"):
         kernels.gemv_int4(torch.randn(1, 64), packed, s.repeat(1, 2), z.repeat(1, 2), 16)
+    with pytest.raises(RuntimeError, match="gemv_int4_q8: group size 48 does not divide"):
+        kernels.gemv_int4_q8(torch.randn(1, 64), packed, s, z, 48)
+    with pytest.raises(RuntimeError, match="gemv_int4_q8: group size 16 is not one of"):
+        kernels.gemv_int4_q8(torch.randn(1, 64), packed, s.repeat(1, 2), z.repeat(1, 2), 16)
+    with pytest.raises(RuntimeError, match="input width 48 is not a multiple of 32"):
+        kernels.gemv_int4_q8(torch.randn(1, 48), packed[:, :24].contiguous(), s[:, :1].contiguous(), z[:, :1].contiguous(), 16)
+    with pytest.raises(RuntimeError, match="input width 32 does not match the weight's 64"):
+        kernels.gemv_int4_q8(torch.randn(1, 32), packed, s, z, 32)
+    with pytest.raises(RuntimeError, match="scales/zeros must be"):
+        kernels.gemv_int4_q8(torch.randn(1, 64), packed, s[:15], z[:15], 32)
+    with pytest.raises(RuntimeError, match="needs 2-D uint8 codes"):
+        kernels.gemv_int4_q8(torch.randn(1, 64), packed.char(), s, z, 32)
 
 
 def test_disabled_by_environment(monkeypatch):

@@ -12,7 +12,8 @@
 //   bf16 / fp16: W (N, K).
 //   int8: W (N, K) int8, scales (N,) float: w = q * scale.
 //   int4: W (N, K/2) uint8, two codes a byte, low nibble = even column; scales, zeros (N, K/group) float:
-//         w = (q - 8) * scale + zero. (fastllava's saved int4 format, used as it is.)
+//         w = (q - 8) * scale + zero. (fastllava's saved int4 format, used as it is.) gemv_int4_q8 takes the
+//         same tensors and rounds x to int8 per 32 columns for integer dot products (see there).
 // x is converted to float32 once, accumulation is float32, the output has x's dtype (rounded once, as torch's
 // kernels do). Rows are split across torch's intra-op threads. Built with -mavx2 -mfma -mf16c; the Python side
 // loads it only on CPUs with AVX2 (torch's AVX2 level implies FMA and F16C).
@@ -372,6 +373,214 @@ at::Tensor gemv_int4(const at::Tensor& x, const at::Tensor& qweight, const at::T
   return finish(out, x, N, bias);
 }
 
+// int4 weights x int8 activations (the idea of llama.cpp's Q4_0 x Q8_0 dot product): each x row is quantized once
+// per call to int8 in blocks of 32 columns (d = max|x| / 127, q = round-half-even(x / d) in float32, q = 0 for an
+// all-zero block). Codes are read as stored, 32 bytes (two blocks, 64 weights) at a time: one shift and two masks
+// give two vectors of 32 unsigned codes (0..15), the even columns of both blocks and the odd columns of both
+// blocks, and x is stored per 64 columns in that order (block b's 16 even columns, block b+1's, then the two odd
+// halves). _mm256_maddubs_epi16 (unsigned codes x signed q) on each, one 16-bit add (|4 * 15 * 127| < 32767: no
+// saturation) and _mm256_madd_epi16 with ones leave 8 int32 sums, lanes 0-3 block b's and 4-7 block b+1's: one
+// conversion and one FMA with (d_b x4, d_b+1 x4) per 64 weights and x row, ~10 instructions against the float
+// kernel's ~28, and the unpacked codes feed up to 4 x rows. A width that is an odd number of blocks ends with
+// one block alone (group 32 only). Per group, scale_g * ((codes - 8) . xq)_g + zero_g * sum(x_g): the -8 with
+// the sum of the int8 x (so the activation rounding meets the centred weights), the zeros with the float x's sum
+// as gemv_int4 has it.
+constexpr int64_t kQ8Block = 32;
+
+// x (M, K) float -> q (M, K) int8 in the layout above, d4 (M, 4 * K / 32): each block's d four times, and
+// q_sums (M, K / group) += d * sum(q) of each block (zeroed by the caller).
+inline void quantize_q8_rows(const float* x, int64_t M, int64_t K, int64_t group, int8_t* q, float* d4, float* q_sums) {
+  const __m256 sign = _mm256_set1_ps(-0.f);
+  const int64_t blocks = K / kQ8Block, paired = blocks & ~int64_t{1};
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t b = 0; b < blocks; ++b) {
+      const float* src = x + m * K + b * kQ8Block;
+      __m256 v[4];
+      __m256 amax = _mm256_setzero_ps();
+      for (int u = 0; u < 4; ++u) {
+        v[u] = _mm256_loadu_ps(src + 8 * u);
+        amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, v[u]));
+      }
+      const float scale = fastllava::horizontal_max(amax) / 127.f;
+      for (int u = 0; u < 4; ++u) d4[(m * blocks + b) * 4 + u] = scale;
+      alignas(32) int32_t rounded[kQ8Block] = {};
+      if (scale != 0.f) {
+        const __m256 dv = _mm256_set1_ps(scale);
+        for (int u = 0; u < 4; ++u)
+          _mm256_store_si256(reinterpret_cast<__m256i*>(rounded + 8 * u),
+                             _mm256_cvtps_epi32(_mm256_round_ps(_mm256_div_ps(v[u], dv),
+                                                                _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)));
+      }
+      // a pair: [b even | b+1 even | b odd | b+1 odd] (16 each); a lone last block: [even | odd]
+      int8_t* even = b < paired ? q + m * K + (b / 2) * 64 + 16 * (b & 1) : q + m * K + b * kQ8Block;
+      int8_t* odd = b < paired ? even + 32 : even + 16;
+      int32_t sum = 0;
+      for (int j = 0; j < 16; ++j) {
+        even[j] = static_cast<int8_t>(rounded[2 * j]), odd[j] = static_cast<int8_t>(rounded[2 * j + 1]);
+        sum += rounded[2 * j] + rounded[2 * j + 1];
+      }
+      q_sums[m * (K / group) + b * kQ8Block / group] += static_cast<float>(sum) * scale;
+    }
+  }
+}
+
+// 32 bytes of codes (blocks b, b+1) -> their even-column codes and odd-column codes, 32 unsigned bytes each.
+inline void unpack_int4x64(const uint8_t* p, __m256i& even, __m256i& odd) {
+  const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  const __m256i low = _mm256_set1_epi8(15);
+  even = _mm256_and_si256(bytes, low);
+  odd = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low);
+}
+
+// 8 int32 partial dots of 64 codes with 64 int8 x values (in the layouts above), converted to float.
+inline __m256 pair_dot(__m256i even, __m256i odd, const int8_t* xp) {
+  const __m256i a = _mm256_maddubs_epi16(even, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xp)));
+  const __m256i b = _mm256_maddubs_epi16(odd, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xp + 32)));
+  return _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_add_epi16(a, b), _mm256_set1_epi16(1)));
+}
+
+// A lone block (16 bytes of codes): [even | odd] codes against [even | odd] x, 8 int32 partial dots as float.
+inline __m256 block_dot(const uint8_t* p, const int8_t* xp) {
+  const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  const __m256i both = _mm256_inserti128_si256(_mm256_castsi128_si256(bytes), _mm_srli_epi16(bytes, 4), 1);
+  const __m256i codes = _mm256_and_si256(both, _mm256_set1_epi8(15));
+  const __m256i dot = _mm256_maddubs_epi16(codes, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xp)));
+  return _mm256_cvtepi32_ps(_mm256_madd_epi16(dot, _mm256_set1_epi16(1)));
+}
+
+// One weight row against MR int8 x rows. One x row keeps two accumulators and two running totals (alternating)
+// so that its FMA chains do not bound the speed; from two rows on the rows' chains interleave, and one each
+// keeps the 4 x rows' values within the 16 registers (two each spilled: 4 rows ran at half speed).
+// Groups of 64 and more hold whole pairs: per group, (sum of d-scaled pair dots) * scale_g. Groups of 32: a pair
+// spans two groups, so its dots are scaled by (d_b s_g x4, d_b+1 s_g+1 x4).
+template <int MR, int64_t group, typename Scale>
+inline void int4_q8_row(const uint8_t* codes, const Scale* scales, const Scale* zeros, const int8_t* xq,
+                        const float* xd4, const float* group_sums, const float* q_sums, int64_t K, int64_t row,
+                        int64_t m, float* out, int64_t N) {
+  const int64_t groups = K / group, blocks = K / kQ8Block, pairs = blocks / 2;
+  const uint8_t* row_codes = codes + row * (K / 2);
+  const Scale* row_scales = scales + row * groups;
+  const Scale* row_zeros = zeros + row * groups;
+  const int8_t* xr[MR];
+  const float* dr[MR];
+  for (int i = 0; i < MR; ++i) xr[i] = xq + (m + i) * K, dr[i] = xd4 + (m + i) * blocks * 4;
+  constexpr int C = MR == 1 ? 2 : 1;  // chains per x row
+  __m256 total[MR][C];
+  for (int i = 0; i < MR; ++i)
+    for (int c = 0; c < C; ++c) total[i][c] = _mm256_setzero_ps();
+  if constexpr (group >= 64) {
+    constexpr int64_t per_group = group / 64;
+    for (int64_t g = 0; g < groups; ++g) {
+      __m256 acc[MR][C];
+      for (int i = 0; i < MR; ++i)
+        for (int c = 0; c < C; ++c) acc[i][c] = _mm256_setzero_ps();
+      for (int64_t j = 0; j < per_group; ++j) {
+        const int64_t p = g * per_group + j;
+        _mm_prefetch(reinterpret_cast<const char*>(row_codes + p * 32) + kPrefetchBytes, _MM_HINT_T0);
+        __m256i even, odd;
+        unpack_int4x64(row_codes + p * 32, even, odd);
+        for (int i = 0; i < MR; ++i)
+          acc[i][j % C] = _mm256_fmadd_ps(pair_dot(even, odd, xr[i] + p * 64), _mm256_loadu_ps(dr[i] + p * 8), acc[i][j % C]);
+      }
+      const __m256 s = _mm256_set1_ps(static_cast<float>(row_scales[g]));
+      for (int i = 0; i < MR; ++i) {
+        const __m256 sum = C == 2 && per_group > 1 ? _mm256_add_ps(acc[i][0], acc[i][C - 1]) : acc[i][0];
+        if (C == 2 && (g & 1)) total[i][C - 1] = _mm256_fmadd_ps(sum, s, total[i][C - 1]);
+        else total[i][0] = _mm256_fmadd_ps(sum, s, total[i][0]);
+      }
+    }
+  } else {
+    static_assert(group == kQ8Block, "groups are 32 or a multiple of 64");
+    auto one_pair = [&](int64_t p, int t) {
+      _mm_prefetch(reinterpret_cast<const char*>(row_codes + p * 32) + kPrefetchBytes, _MM_HINT_T0);
+      __m256i even, odd;
+      unpack_int4x64(row_codes + p * 32, even, odd);
+      const __m256 s = _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_set1_ps(static_cast<float>(row_scales[2 * p]))),
+                                            _mm_set1_ps(static_cast<float>(row_scales[2 * p + 1])), 1);
+      for (int i = 0; i < MR; ++i)
+        total[i][t] = _mm256_fmadd_ps(pair_dot(even, odd, xr[i] + p * 64), _mm256_mul_ps(_mm256_loadu_ps(dr[i] + p * 8), s),
+                                      total[i][t]);
+    };
+    int64_t p = 0;
+    for (; p + 2 <= pairs; p += 2) one_pair(p, 0), one_pair(p + 1, C - 1);
+    if (p < pairs) one_pair(p, 0);
+    if (blocks & 1) {  // the lone last block
+      const int64_t b = blocks - 1;
+      const __m256 s = _mm256_set1_ps(static_cast<float>(row_scales[b]));
+      for (int i = 0; i < MR; ++i)
+        total[i][C - 1] = _mm256_fmadd_ps(block_dot(row_codes + b * 16, xr[i] + b * kQ8Block),
+                                          _mm256_mul_ps(_mm256_set1_ps(dr[i][b * 4]), s), total[i][C - 1]);
+    }
+  }
+  for (int i = 0; i < MR; ++i) {
+    float offset_part = 0.f;
+    const float* sums = group_sums + (m + i) * groups;
+    const float* qs = q_sums + (m + i) * groups;
+    for (int64_t g = 0; g < groups; ++g)
+      offset_part += static_cast<float>(row_zeros[g]) * sums[g] - 8.f * static_cast<float>(row_scales[g]) * qs[g];
+    const __m256 sum = C == 2 ? _mm256_add_ps(total[i][0], total[i][C - 1]) : total[i][0];
+    out[(m + i) * N + row] = horizontal_sum(sum) + offset_part;
+  }
+}
+
+at::Tensor gemv_int4_q8(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                        const at::Tensor& zeros, int64_t group, const std::optional<at::Tensor>& bias) {
+  check_cpu(qweight, "qweight");
+  check_cpu(scales, "scales");
+  check_cpu(zeros, "zeros");
+  TORCH_CHECK(qweight.scalar_type() == at::kByte && qweight.dim() == 2, "gemv_int4_q8 needs 2-D uint8 codes");
+  const int64_t N = qweight.size(0), K = 2 * qweight.size(1);
+  TORCH_CHECK(K % kQ8Block == 0, "gemv_int4_q8: the input width ", K, " is not a multiple of 32");
+  TORCH_CHECK(group > 0 && K % group == 0, "gemv_int4_q8: group size ", group, " does not divide the input width ", K);
+  const int64_t groups = K / group;
+  TORCH_CHECK(scales.numel() == N * groups && zeros.numel() == N * groups, "gemv_int4_q8: scales/zeros must be (",
+              N, ", ", groups, ")");
+  TORCH_CHECK(scales.scalar_type() == zeros.scalar_type(), "gemv_int4_q8: scales and zeros must share a dtype");
+  at::Tensor xf = float_rows(x, K);
+  const int64_t M = xf.size(0);
+  at::Tensor xq = at::empty({M, K}, xf.options().dtype(at::kChar));
+  at::Tensor xd = at::empty({M, 4 * (K / kQ8Block)}, xf.options());
+  at::Tensor group_sums = at::zeros({M, groups}, xf.options());
+  const float* xs = xf.data_ptr<float>();
+  float* gs = group_sums.data_ptr<float>();
+  for (int64_t i = 0; i < M * K; ++i) gs[i / group] += xs[i];  // as gemv_int4 sums them
+  // sum(q d) per group, for the codes' -8: the codes' part then is (codes - 8) . (q d) with the same x on both
+  // sides, so the activation rounding error is scale * ((codes - 8) . e), not scale * (codes . e) (codes in 0..15
+  // are not centred: ~2.5x the logit difference from gemv_int4 on the test checkpoints); the zeros' part stays
+  // zero_g * sum(x_g) from the float x.
+  at::Tensor q_sums = at::zeros({M, groups}, xf.options());
+  quantize_q8_rows(xs, M, K, group, xq.data_ptr<int8_t>(), xd.data_ptr<float>(), q_sums.data_ptr<float>());
+  at::Tensor out = at::empty({M, N}, xf.options());
+  const uint8_t* codes = qweight.data_ptr<uint8_t>();
+  const int8_t* qp = xq.data_ptr<int8_t>();
+  const float* dp = xd.data_ptr<float>();
+  const float* qsp = q_sums.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, scales.scalar_type(), "gemv_int4_q8", [&] {
+    const scalar_t* sp = scales.data_ptr<scalar_t>();
+    const scalar_t* zp = zeros.data_ptr<scalar_t>();
+    auto all_rows = [&](auto group_constant) {
+      constexpr int64_t G = decltype(group_constant)::value;
+      at::parallel_for(0, N, grain_rows(K / 2), [&](int64_t begin, int64_t end) {
+        for (int64_t row = begin; row < end; ++row) {
+          int64_t m = 0;
+          for (; m + 4 <= M; m += 4) int4_q8_row<4, G>(codes, sp, zp, qp, dp, gs, qsp, K, row, m, op, N);
+          for (; m + 2 <= M; m += 2) int4_q8_row<2, G>(codes, sp, zp, qp, dp, gs, qsp, K, row, m, op, N);
+          for (; m < M; ++m) int4_q8_row<1, G>(codes, sp, zp, qp, dp, gs, qsp, K, row, m, op, N);
+        }
+      });
+    };
+    switch (group) {
+      case 32: all_rows(std::integral_constant<int64_t, 32>{}); break;
+      case 64: all_rows(std::integral_constant<int64_t, 64>{}); break;
+      case 128: all_rows(std::integral_constant<int64_t, 128>{}); break;
+      case 256: all_rows(std::integral_constant<int64_t, 256>{}); break;
+      default: TORCH_CHECK(false, "gemv_int4_q8: group size ", group, " is not one of 32, 64, 128, 256");
+    }
+  });
+  return finish(out, x, N, bias);
+}
+
 // Output shapes for tracing (torch.compile's fake tensors, the meta device): x's leading shape, N columns.
 at::Tensor meta_output(const at::Tensor& x, int64_t N) {
   auto sizes = x.sizes().vec();
@@ -388,7 +597,7 @@ at::Tensor gemv_int8_meta(const at::Tensor& x, const at::Tensor& weight, const a
 at::Tensor gemv_int4_meta(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor&, const at::Tensor&,
                           int64_t, const std::optional<at::Tensor>&) {
   return meta_output(x, qweight.size(0));
-}
+}  // gemv_int4_q8 has the same signature and shape
 
 }  // namespace
 
@@ -396,16 +605,19 @@ TORCH_LIBRARY(fastllava, m) {
   m.def("gemv(Tensor x, Tensor weight, Tensor? bias=None) -> Tensor");
   m.def("gemv_int8(Tensor x, Tensor weight, Tensor scales, Tensor? bias=None) -> Tensor");
   m.def("gemv_int4(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, int group, Tensor? bias=None) -> Tensor");
+  m.def("gemv_int4_q8(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, int group, Tensor? bias=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(fastllava, CPU, m) {
   m.impl("gemv", &gemv);
   m.impl("gemv_int8", &gemv_int8);
   m.impl("gemv_int4", &gemv_int4);
+  m.impl("gemv_int4_q8", &gemv_int4_q8);
 }
 
 TORCH_LIBRARY_IMPL(fastllava, Meta, m) {
   m.impl("gemv", &gemv_meta);
   m.impl("gemv_int8", &gemv_int8_meta);
   m.impl("gemv_int4", &gemv_int4_meta);
+  m.impl("gemv_int4_q8", &gemv_int4_meta);
 }

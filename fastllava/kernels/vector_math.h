@@ -85,6 +85,13 @@ inline float horizontal_sum(__m256 v) {
   return _mm_cvtss_f32(lo);
 }
 
+inline float horizontal_max(__m256 v) {
+  __m128 lo = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  lo = _mm_max_ps(lo, _mm_movehl_ps(lo, lo));
+  lo = _mm_max_ss(lo, _mm_movehdup_ps(lo));
+  return _mm_cvtss_f32(lo);
+}
+
 // exp(x) = 2^n * e^r with n = round(x / ln 2), r = x - n ln 2 in [-ln2/2, ln2/2]. ln 2 is split into
 // float(ln 2) + (the rest): with FMA, x - n * float(ln 2) is exact (both terms are multiples of 2^-24 and the
 // difference is below 1/2, so it fits in 24 bits), and the second term's rounding is ~2^-48 * |n|. e^r =
