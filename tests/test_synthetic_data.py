@@ -242,6 +242,33 @@ def test_question_mix(train_set):
     assert len({q for r in records for q, _ in _pairs(r)}) > 0.9 * len(queries)  # phrasing varies widely
 
 
+def _near_miss(record, query, answer):
+    """A "no" answer whose colour (and, for colour-and-kind questions, kind) is in the picture."""
+    shapes = record["scene"]["shapes"]
+    if answer != "no":
+        return False
+    if query["kind"] == "attr":
+        return any(s["color"] == query["color"] for s in shapes)
+    target = query["target"]
+    return (len(target) == 2 and any(s["color"] == target["color"] for s in shapes)
+            and any(s["shape"] == target["shape"] for s in shapes))
+
+
+def test_yesno_near_misses():
+    """``yesno_hard`` makes near misses of many more "no" answers (where the picture has one); answers stay right."""
+    def yesno(hard):
+        out = []
+        for i in range(150):
+            _, record = sd.make_example(4, i, questions_per_image=2, type_weights={"yesno": 1.0}, yesno_hard=hard)
+            for query, (_, answer) in zip(record["queries"], _pairs(record)):
+                assert sd.answer_query(record["scene"], query) == answer
+                out.append(_near_miss(record, query, answer))
+        return out
+
+    plain, hard = yesno(None), yesno(1.0)
+    assert sum(hard) > 2 * sum(plain) > 0
+
+
 # --------------------------------------------------------------------------------------------- held-out split
 
 

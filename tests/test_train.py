@@ -316,6 +316,47 @@ def test_scene_patch_labels():
     assert labels[2].sum() == 1 and labels[2, 1, 1] == 1  # the centre (8, 8) lies in patch row 1, column 1
 
 
+
+def test_patch_heads_joint_class():
+    """The joint read-out learns one class per (kind, colour) pair on covered patches, 0 on the background."""
+    from fastllava.train.demo import PatchHeads
+    from fastllava.train.shapes import COLORS, SHAPES
+
+    torch.manual_seed(0)
+    heads = PatchHeads(8, joint=True)
+    labels = torch.tensor([[[0, 2, 6], [0, 3, 8], [0, 1, 0]]])  # (B=1, 3, P=3): background, blue square, black cross
+    loss, stats = heads.loss(torch.randn(1, 3, 8), labels)
+    assert loss.isfinite() and "joint" in stats and heads.joint.out_features == len(SHAPES) * len(COLORS) + 1
+    # the targets: 1 + kind index * colours + colour index (square = 1, blue = 2; cross = 5, black = 7)
+    joint = torch.where(labels[:, 0] > 0, 1 + (labels[:, 0] - 1) * len(COLORS) + labels[:, 1] - 1, 0)
+    assert joint.tolist() == [[0, 1 + 1 * 8 + 2, 1 + 5 * 8 + 7]]
+    assert PatchHeads(8).joint is None
+
+
+def test_length_grouped_synthetic_batches(processor):
+    """Grouped data: the same examples, each once, in batches of similar length, the same order every time."""
+    from fastllava.train.demo import SyntheticVQADataset
+    from fastllava.train.trainer import _EpochSampler
+
+    collator = LlavaCollator(processor)
+    plain = SyntheticVQADataset(collator, 24, 5, questions_per_image=3, image_sizes=(48,))
+    grouped = SyntheticVQADataset(collator, 24, 5, questions_per_image=3, image_sizes=(48,), group_size=12,
+                                  batch_size=4)
+    key = lambda ex: tuple(ex["input_ids"])  # noqa: E731
+    assert sorted(map(key, (grouped[i] for i in range(24)))) == sorted(map(key, (plain[i] for i in range(24))))
+    for start in (0, 12):
+        lengths = [len(grouped[i]["input_ids"]) for i in range(start, start + 12)]
+        batches = [lengths[i:i + 4] for i in range(0, 12, 4)]
+        assert sorted(x for b in sorted(batches) for x in b) == [x for b in sorted(batches) for x in b]
+    again = SyntheticVQADataset(collator, 24, 5, questions_per_image=3, image_sizes=(48,), group_size=12,
+                                batch_size=4)
+    assert [key(again[i]) for i in range(24)] == [key(grouped[i]) for i in range(24)]
+    with pytest.raises(ValueError):
+        SyntheticVQADataset(collator, 24, 5, group_size=10, batch_size=4)
+    assert list(_EpochSampler(6, 0, 0, skip=2, shuffle=False)) == [2, 3, 4, 5]
+    assert sorted(_EpochSampler(6, 0, 0)) == list(range(6))
+
+
 # --- the bundled demo model ---------------------------------------------------------------------------------------
 
 DEMO_MODEL = Path(__file__).resolve().parents[1] / "fastllava" / "demo" / "model"

@@ -630,18 +630,37 @@ def _count_question(scene, rng, phr):
     return _fill(rng.choice(PHRASINGS["count"]["subj"][phr]), rng, subj=subj), {"type": "count", "target": target}
 
 
-def _yesno_question(scene, rng, phr):
+def _hard_negative(scene, rng):
+    """A colour-and-kind pair not in the picture whose colour and kind both are (on other shapes), or None."""
+    kinds = sorted({s["shape"] for s in scene["shapes"]})
+    colors = sorted({s["color"] for s in scene["shapes"]})
+    pairs = [(k, c) for k in kinds for c in colors if not select(scene, {"shape": k, "color": c})]
+    return rng.choice(pairs) if pairs else None
+
+
+def _yesno_question(scene, rng, phr, hard=None):
+    """``hard``: None, or the probability that a "no" question names a near miss when the picture allows one (a
+    colour that is on another shape, a kind that is there in another colour); None keeps the plain mix, in which
+    such near misses are a minority of the "no" questions."""
     want_yes = rng.random() < 0.5
     refs = [t for t in _unique_refs(scene, with_generic=True) if set(t[0]) <= {"shape"}]
     if refs and rng.random() < 0.3:
         target, ref = rng.choice(refs)
         actual = select(scene, target)[0]["color"]
-        color = actual if want_yes else rng.choice([c for c in COLORS if c != actual])
+        others = sorted({s["color"] for s in scene["shapes"]} - {actual})
+        if not want_yes and hard is not None and others and rng.random() < hard:
+            color = rng.choice(others)
+        else:
+            color = actual if want_yes else rng.choice([c for c in COLORS if c != actual])
         text = _fill(rng.choice(PHRASINGS["yesno"]["attr"][phr]), rng, ref=ref, color=color)
         return text, {"type": "yesno", "kind": "attr", "target": target, "color": color}
     mode = rng.choices(["both", "shape", "color"], weights=[0.5, 0.3, 0.2], k=1)[0]
+    near = _hard_negative(scene, rng) if (not want_yes and mode == "both" and hard is not None
+                                          and rng.random() < hard) else None
     for _ in range(50):
-        if want_yes:
+        if near is not None:
+            target = {"shape": near[0], "color": near[1]}
+        elif want_yes:
             s = rng.choice(scene["shapes"])
             target = {"shape": s["shape"], "color": s["color"]}
         elif mode == "both" and rng.random() < 0.6:
@@ -726,8 +745,9 @@ def decorate(core: str, qtype: str, phr: str, rng: random.Random) -> str:
 
 
 def make_questions(scene: dict, rng: random.Random, n: int, phrasings: str = "train",
-                   type_weights: dict | None = None) -> list[tuple[str, str, dict]]:
-    """Up to ``n`` distinct (question, answer, query) triples about a scene (fewer only if the scene runs out)."""
+                   type_weights: dict | None = None, yesno_hard: float | None = None) -> list[tuple[str, str, dict]]:
+    """Up to ``n`` distinct (question, answer, query) triples about a scene (fewer only if the scene runs out).
+    ``yesno_hard``: the share of near misses among "no" answers that can have one (``_yesno_question``)."""
     weights = dict(type_weights or DEFAULT_TYPE_WEIGHTS)
     out: list[tuple[str, str, dict]] = []
     seen: set[str] = set()
@@ -735,7 +755,10 @@ def make_questions(scene: dict, rng: random.Random, n: int, phrasings: str = "tr
         if len(out) == n:
             break
         qtype = _choice_weighted(rng, weights)
-        built = _BUILDERS[qtype](scene, rng, phrasings)
+        if qtype == "yesno" and yesno_hard is not None:
+            built = _yesno_question(scene, rng, phrasings, hard=yesno_hard)
+        else:
+            built = _BUILDERS[qtype](scene, rng, phrasings)
         if built is None:
             continue
         core, query = built
@@ -769,7 +792,7 @@ def _image_rng(seed: int, phr: str, ren: str, index: int) -> random.Random:
 def make_example(seed: int, index: int, split: str = "train", *, questions_per_image: int = 1,
                  image_size: int | Sequence[int] = 64, phrasings: str | None = None, rendering: str | None = None,
                  type_weights: dict | None = None, max_shapes: int = 4,
-                 image_format: str = "png") -> tuple[Image.Image, dict]:
+                 image_format: str = "png", yesno_hard: float | None = None) -> tuple[Image.Image, dict]:
     """One (image, record) pair, in memory. The record's "image" is the file name it would be saved under, and
     "image_format"/"jpeg_quality" say how to encode it (a JPEG round trip changes the pixels)."""
     phr, ren = _resolve_split(split, phrasings, rendering)
@@ -777,7 +800,7 @@ def make_example(seed: int, index: int, split: str = "train", *, questions_per_i
     size = image_size if isinstance(image_size, int) else rng.choice(list(image_size))
     scene = sample_scene(rng, size, size, ren, max_shapes=max_shapes)
     image = render_scene(scene)
-    qas = make_questions(scene, rng, questions_per_image, phr, type_weights)
+    qas = make_questions(scene, rng, questions_per_image, phr, type_weights, yesno_hard)
     fmt = image_format if image_format != "mixed" else rng.choice(["png", "jpg"])
     if fmt not in ("png", "jpg"):
         raise ValueError(f"image_format must be 'png', 'jpg' or 'mixed', got {image_format!r}")

@@ -111,6 +111,7 @@ class TrainingArguments:
     device: str | None = None             # default: cuda when available, else cpu
     num_threads: int | None = None        # torch.set_num_threads on CPU
     dataloader_num_workers: int = 0
+    shuffle: bool = True                  # False: the dataset's own order (one that is already random, or grouped)
     logging_steps: int = 10
     eval_steps: int | None = None
     eval_max_batches: int | None = None
@@ -147,10 +148,12 @@ def lr_lambda(step: int, warmup: int, total: int, min_ratio: float = 0.0) -> flo
 
 
 class _EpochSampler(torch.utils.data.Sampler):
-    def __init__(self, size: int, seed: int, epoch: int, skip: int = 0):
-        self.size, self.seed, self.epoch, self.skip = size, seed, epoch, skip
+    def __init__(self, size: int, seed: int, epoch: int, skip: int = 0, shuffle: bool = True):
+        self.size, self.seed, self.epoch, self.skip, self.shuffle = size, seed, epoch, skip, shuffle
 
     def __iter__(self) -> Iterator[int]:
+        if not self.shuffle:
+            return iter(range(self.skip, self.size))
         generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
         order = torch.randperm(self.size, generator=generator).tolist()
         return iter(order[self.skip:])
@@ -290,7 +293,8 @@ class Trainer:
 
     def _loader(self, epoch: int, skip_batches: int) -> torch.utils.data.DataLoader:
         bs = self.args.per_device_train_batch_size
-        sampler = _EpochSampler(len(self.train_dataset), self.args.seed, epoch, skip_batches * bs)
+        sampler = _EpochSampler(len(self.train_dataset), self.args.seed, epoch, skip_batches * bs,
+                                self.args.shuffle)
         return torch.utils.data.DataLoader(
             _SkipTooLong(self.train_dataset), batch_size=bs, sampler=sampler, collate_fn=self._collate,
             num_workers=self.args.dataloader_num_workers,
