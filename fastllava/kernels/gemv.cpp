@@ -26,6 +26,7 @@
 
 #include "vector_math.h"
 
+#include <array>
 #include <cstdint>
 #include <cstring>
 #include <optional>
@@ -322,18 +323,38 @@ inline void int4_row(const uint8_t* codes, const Scale* scales, const Scale* zer
   for (int i = 0; i < MR; ++i) out[(m + i) * N + row] = horizontal_sum(total[i]) + offset_part[i];
 }
 
-at::Tensor gemv_int4(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
-                     const at::Tensor& zeros, int64_t group, const std::optional<at::Tensor>& bias) {
+// Checks shared by the int4 ops; returns (N, K, groups).
+std::array<int64_t, 3> check_int4(const char* op, const at::Tensor& qweight, const at::Tensor& scales,
+                                  const at::Tensor& zeros, int64_t group) {
   check_cpu(qweight, "qweight");
   check_cpu(scales, "scales");
   check_cpu(zeros, "zeros");
-  TORCH_CHECK(qweight.scalar_type() == at::kByte && qweight.dim() == 2, "gemv_int4 needs 2-D uint8 codes");
+  TORCH_CHECK(qweight.scalar_type() == at::kByte && qweight.dim() == 2, op, " needs 2-D uint8 codes");
   const int64_t N = qweight.size(0), K = 2 * qweight.size(1);
-  TORCH_CHECK(group > 0 && K % group == 0, "gemv_int4: group size ", group, " does not divide the input width ", K);
+  TORCH_CHECK(group > 0 && K % group == 0, op, ": group size ", group, " does not divide the input width ", K);
   const int64_t groups = K / group;
-  TORCH_CHECK(scales.numel() == N * groups && zeros.numel() == N * groups, "gemv_int4: scales/zeros must be (",
-              N, ", ", groups, ")");
-  TORCH_CHECK(scales.scalar_type() == zeros.scalar_type(), "gemv_int4: scales and zeros must share a dtype");
+  TORCH_CHECK(scales.numel() == N * groups && zeros.numel() == N * groups, op, ": scales/zeros must be (", N, ", ",
+              groups, ")");
+  TORCH_CHECK(scales.scalar_type() == zeros.scalar_type(), op, ": scales and zeros must share a dtype");
+  return {N, K, groups};
+}
+
+// body(std::integral_constant<int64_t, G>{}) for the supported group sizes: a constant unrolls the inner loops.
+template <typename Body>
+void with_group_constant(const char* op, int64_t group, Body body) {
+  switch (group) {
+    case 32: body(std::integral_constant<int64_t, 32>{}); break;
+    case 64: body(std::integral_constant<int64_t, 64>{}); break;
+    case 128: body(std::integral_constant<int64_t, 128>{}); break;
+    case 256: body(std::integral_constant<int64_t, 256>{}); break;
+    default: TORCH_CHECK(false, op, ": group size ", group, " is not one of 32, 64, 128, 256");
+  }
+}
+
+at::Tensor gemv_int4(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                     const at::Tensor& zeros, int64_t group, const std::optional<at::Tensor>& bias) {
+  const std::array<int64_t, 3> shape = check_int4("gemv_int4", qweight, scales, zeros, group);
+  const int64_t N = shape[0], K = shape[1], groups = shape[2];
   at::Tensor xf = float_rows(x, K);
   const int64_t M = xf.size(0);
   // x columns reordered per block of 16 (the 8 even ones, then the 8 odd ones: the codes' nibble order), and
@@ -362,13 +383,7 @@ at::Tensor gemv_int4(const at::Tensor& x, const at::Tensor& qweight, const at::T
         }
       });
     };
-    switch (group) {  // the group size as a constant: the inner loop unrolls fully
-      case 32: all_rows(std::integral_constant<int64_t, 32>{}); break;
-      case 64: all_rows(std::integral_constant<int64_t, 64>{}); break;
-      case 128: all_rows(std::integral_constant<int64_t, 128>{}); break;
-      case 256: all_rows(std::integral_constant<int64_t, 256>{}); break;
-      default: TORCH_CHECK(false, "gemv_int4: group size ", group, " is not one of 32, 64, 128, 256");
-    }
+    with_group_constant("gemv_int4", group, all_rows);
   });
   return finish(out, x, N, bias);
 }
@@ -525,17 +540,10 @@ inline void int4_q8_row(const uint8_t* codes, const Scale* scales, const Scale* 
 
 at::Tensor gemv_int4_q8(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                         const at::Tensor& zeros, int64_t group, const std::optional<at::Tensor>& bias) {
-  check_cpu(qweight, "qweight");
-  check_cpu(scales, "scales");
-  check_cpu(zeros, "zeros");
-  TORCH_CHECK(qweight.scalar_type() == at::kByte && qweight.dim() == 2, "gemv_int4_q8 needs 2-D uint8 codes");
-  const int64_t N = qweight.size(0), K = 2 * qweight.size(1);
-  TORCH_CHECK(K % kQ8Block == 0, "gemv_int4_q8: the input width ", K, " is not a multiple of 32");
-  TORCH_CHECK(group > 0 && K % group == 0, "gemv_int4_q8: group size ", group, " does not divide the input width ", K);
-  const int64_t groups = K / group;
-  TORCH_CHECK(scales.numel() == N * groups && zeros.numel() == N * groups, "gemv_int4_q8: scales/zeros must be (",
-              N, ", ", groups, ")");
-  TORCH_CHECK(scales.scalar_type() == zeros.scalar_type(), "gemv_int4_q8: scales and zeros must share a dtype");
+  TORCH_CHECK(qweight.dim() != 2 || (2 * qweight.size(1)) % kQ8Block == 0, "gemv_int4_q8: the input width ",
+              2 * qweight.size(-1), " is not a multiple of 32");
+  const std::array<int64_t, 3> shape = check_int4("gemv_int4_q8", qweight, scales, zeros, group);
+  const int64_t N = shape[0], K = shape[1], groups = shape[2];
   at::Tensor xf = float_rows(x, K);
   const int64_t M = xf.size(0);
   at::Tensor xq = at::empty({M, K}, xf.options().dtype(at::kChar));
@@ -570,13 +578,7 @@ at::Tensor gemv_int4_q8(const at::Tensor& x, const at::Tensor& qweight, const at
         }
       });
     };
-    switch (group) {
-      case 32: all_rows(std::integral_constant<int64_t, 32>{}); break;
-      case 64: all_rows(std::integral_constant<int64_t, 64>{}); break;
-      case 128: all_rows(std::integral_constant<int64_t, 128>{}); break;
-      case 256: all_rows(std::integral_constant<int64_t, 256>{}); break;
-      default: TORCH_CHECK(false, "gemv_int4_q8: group size ", group, " is not one of 32, 64, 128, 256");
-    }
+    with_group_constant("gemv_int4_q8", group, all_rows);
   });
   return finish(out, x, N, bias);
 }
