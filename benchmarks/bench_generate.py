@@ -10,15 +10,16 @@ token with the conversation's KV cache reused, against the first turn's. One JSO
 
     python benchmarks/bench_generate.py [--new-tokens 64] [--batches 1 8] [--repeats 2]
 
-Measured here (AVX2 EPYC, no bf16 arithmetic, 2 cores shared with other jobs at load ~2.5, ``--threads 1
---batches 1 --new-tokens 128 --repeats 1 --no-warmup``, 2026-11-25, bf16, with the C++ GEMV kernels and huge-page
-weights): fastllava TTFT 19.3 s vs transformers 114.0 s (0.17x: fastllava computes many-row bf16 products in
-float32 there), decode 8.13 vs 4.71 tok/s (1.72x), 0.48 of the 15.6 GB/s read bandwidth (text weights only: the
-757-token float32 KV cache of this 16-KV-head model adds ~150 MB a token, ~20% of the step); second chat turn
-TTFT 0.88 s = 0.045x the first. With an 8-token prompt the same bf16 model decodes 11.6 tok/s (0.69 of the
-bandwidth; benchmarks/bench_quantization.py). Before the kernels (native bf16 GEMV): decode 5.27 tok/s, 0.31 of
-bandwidth. Batch 8 (``--batches 8 --new-tokens 16 --no-warmup``, before the kernels): TTFT 173.7 s vs 1188.1 s
-(0.15x), decode 6.83 vs 5.08 tok/s (1.34x).
+Measured here (AVX2 EPYC, no bf16 arithmetic, 2 cores, ``--threads 1 --batches 1 --new-tokens 128 --repeats 1
+--no-warmup``, bf16), 2026-11-25, session 4 (C++ kernels: GEMV/tiled products, decode attention over a bf16 KV
+cache, fused RMSNorm/RoPE/SiLU, joint q/k/v and gate/up products; huge-page weights), machine quiet (load ~1):
+fastllava TTFT 18.0 s vs transformers 109.9 s (0.16x), decode 10.47 vs 4.45 tok/s (2.36x; target 2.5x not met),
+0.64 of the 15.2 GB/s read bandwidth measured in the run (target 0.75 not met: the GEMV streams the 0.93 GB at
+~12 GB/s, decode attention over 757 bf16 positions adds ~9 ms a token); second chat turn TTFT 0.41 s = 0.022x
+the first. The same run with another job on the second core: 8.77 vs 4.85 tok/s (1.81x), 0.64 of 12.6 GB/s.
+Session 3 (GEMV kernels only, float32 KV cache): 8.13 vs 4.71 tok/s (1.72x), 0.48. Before the kernels (native
+bf16 GEMV): 5.27 tok/s, 0.31. Batch 8 (``--batches 8 --new-tokens 16 --no-warmup``, before the kernels): TTFT
+173.7 s vs 1188.1 s (0.15x), decode 6.83 vs 5.08 tok/s (1.34x).
 """
 
 from __future__ import annotations

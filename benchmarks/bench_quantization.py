@@ -22,13 +22,17 @@ benchmarks/common.py, reused from ``--out``):
 
 Prints a table per part and one JSON line per result.
 
-Measured here (``--parts decode --threads 1 --new-tokens 64``, 2026-11-25, C++ GEMV kernels, huge-page weights,
-the 2-core machine shared with another benchmark): bf16 11.6 tok/s (8.9 in a busier run); int8 1.31-1.35x bf16,
-int4 1.43-1.80x, their saved-and-reloaded checkpoints 1.04-1.68x (runs of one process each on a shared machine:
-the spread is noise, not the format); int8 peak RSS = baseline + 1.07x the model's bytes, 0.78x the bf16 run's.
+Measured here (``--parts decode --threads 1 --new-tokens 64 --repeats 3 --group-sizes 64``, 2026-11-25, session
+4: C++ kernels incl. int4 with int8 activations, fused decoder ops, bf16 KV cache; machine quiet, load ~1), median
+of 3 fresh processes: bf16 11.5 tok/s (10.8-11.9); int8 18.0 (1.56x bf16; runs 13.0-18.2), int4 18.8 (1.64x;
+16.2-22.4), saved-and-reloaded int8 15.9 (1.38x), int4 23.3 (2.02x; 20.1-23.4): targets 1.8x / 2.5x not met in
+the medians (one earlier run: int8 1.89x, int4-saved 2.68x). int8 peak RSS = baseline + 1.05x the model's bytes,
+0.77x the bf16 run's (targets met). Session 3: int8 1.31-1.35x, int4 1.43-1.80x. What is left per int4 token:
+~27 ms of int4 products (compute-bound on AVX2 even with integer dot products: ~17 G weights/s) and ~10 ms of
+attention and per-op overhead.
 The GEMV kernels alone, one thread, a 272 MB lm_head-sized weight: bf16 12-16 GB/s (torch's 8.4-9), int8 ~11-15
-GB of codes/s (1.8x bf16's weights per second), int4 ~12.5 G weights/s: compute-bound on AVX2 (unpacking and
-converting nibbles costs more than reading them), 2x bf16, hence int4's decode gain falls short of 2.5x.
+GB of codes/s; int4 with float activations ~12.5 G weights/s, with int8 activations (gemv_int4_q8, the default)
+14-17.5 G weights/s.
 
     python benchmarks/bench_quantization.py [--new-tokens 64] [--prompt-tokens 8] [--repeats 2] [--parts gemv decode logits]
 """
