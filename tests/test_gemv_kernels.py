@@ -33,17 +33,47 @@ def assert_close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> N
     assert bool((error <= want.abs() * ulp + 1e-4 * want.abs().max()).all()), error.max().item()
 
 
+@pytest.fixture(params=["avx2", "avx512"])
+def isa(request, kernels):
+    """bf16 x bf16 products through the AVX2 loops and through the AVX512-BF16 ones (gemv_avx512.cpp). On a CPU
+    without AVX512-BF16 the second variant checks that switching it on is refused (and runs the AVX2 loops)."""
+    has_avx512_bf16 = bool(getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)())
+    previous = kernels.set_avx512(request.param == "avx512")
+    assert kernels.avx512_active() == (request.param == "avx512" and has_avx512_bf16)
+    yield request.param
+    kernels.set_avx512(previous)
+
+
 @pytest.mark.parametrize("weight_dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 6, 7, 8, 10, 13, 16, 31, 63])  # streamed rows, then 3x4 tiles + rests
 @pytest.mark.parametrize("width", [8, 37, 64, 200])
-def test_half_precision_weights(kernels, weight_dtype, rows, width):
+def test_half_precision_weights(kernels, isa, weight_dtype, rows, width):
     torch.manual_seed(rows * 1000 + width)
     weight = torch.randn(67, width).to(weight_dtype)  # 67 outputs: no row count is special
     x = torch.randn(rows, width).to(weight_dtype)
     assert_close(kernels.gemv(x, weight), reference(x, weight), weight_dtype)
 
 
-def test_bias_leading_dimensions_and_float32_input(kernels):
+@pytest.mark.parametrize("width", [32, 96, 1000, 1056])  # whole 4 x 32 steps, masked 32-wide tails
+def test_bf16_paths_agree_on_model_sized_products(kernels, width):
+    """The AVX-512 and AVX2 loops differ only in float32 summation order: after the bf16 rounding, at most a
+    bf16 ulp apart, and both within an ulp of the float64 product."""
+    torch.manual_seed(width)
+    weight = (torch.randn(300, width) * 0.05).to(torch.bfloat16)
+    x = torch.randn(3, width).to(torch.bfloat16)
+    previous = kernels.set_avx512(True)
+    try:
+        fast = kernels.gemv(x, weight)
+        kernels.set_avx512(False)
+        plain = kernels.gemv(x, weight)
+    finally:
+        kernels.set_avx512(previous)
+    for out in (fast, plain):
+        assert_close(out, reference(x, weight), torch.bfloat16)
+    assert torch.allclose(fast.float(), plain.float(), rtol=2 ** -7, atol=1e-6)
+
+
+def test_bias_leading_dimensions_and_float32_input(kernels, isa):
     torch.manual_seed(0)
     weight = torch.randn(40, 96, dtype=torch.bfloat16)
     bias = torch.randn(40, dtype=torch.bfloat16)
@@ -161,7 +191,7 @@ def test_int4_with_int8_activations_on_leading_dimensions_and_thread_counts(kern
     assert_close(one.reshape(6, 4099), want, torch.bfloat16)
 
 
-def test_results_do_not_depend_on_the_thread_count(kernels):
+def test_results_do_not_depend_on_the_thread_count(kernels, isa):
     torch.manual_seed(0)
     weight = torch.randn(4096, 256, dtype=torch.bfloat16)
     for rows in (3, 16):  # streamed and tiled

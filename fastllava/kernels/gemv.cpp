@@ -24,9 +24,11 @@
 #include <torch/library.h>
 #include <immintrin.h>
 
+#include "gemv_avx512.h"
 #include "vector_math.h"
 
 #include <array>
+#include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <optional>
@@ -248,10 +250,30 @@ at::Tensor finish(const at::Tensor& out, const at::Tensor& x, int64_t N, const s
   return result;
 }
 
+// Whether bf16 x bf16 products take gemv_avx512.cpp's VDPBF16PS loops (default: when the CPU has them);
+// set_avx512 switches it for tests and benchmarks and returns the previous setting.
+std::atomic<bool> use_avx512{fastllava::avx512_bf16_supported()};
+
+bool set_avx512(bool enabled) {
+  return use_avx512.exchange(enabled && fastllava::avx512_bf16_supported());
+}
+
+bool avx512_active() { return use_avx512.load(); }
+
 at::Tensor gemv(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
   check_cpu(weight, "weight");
   TORCH_CHECK(weight.dim() == 2, "fastllava gemv: the weight must be 2-D");
   const int64_t N = weight.size(0), K = weight.size(1);
+  if (weight.scalar_type() == at::kBFloat16 && x.scalar_type() == at::kBFloat16 && use_avx512.load()) {
+    TORCH_CHECK(x.device().is_cpu(), "fastllava gemv: the input must be on the CPU");
+    TORCH_CHECK(x.dim() >= 1 && x.size(-1) == K, "fastllava gemv: input width ", x.size(-1),
+                " does not match the weight's ", K);
+    const at::Tensor rows = x.reshape({-1, K}).contiguous();
+    at::Tensor out = at::empty({rows.size(0), N}, rows.options().dtype(at::kFloat));
+    fastllava::gemv_bf16_avx512(weight.data_ptr<at::BFloat16>(), rows.data_ptr<at::BFloat16>(), rows.size(0), N, K,
+                                out.data_ptr<float>());
+    return finish(out, x, N, bias);
+  }
   at::Tensor xf = float_rows(x, K);
   const int64_t M = xf.size(0);
   at::Tensor out = at::empty({M, N}, xf.options());
@@ -604,6 +626,8 @@ at::Tensor gemv_int4_meta(const at::Tensor& x, const at::Tensor& qweight, const 
 }  // namespace
 
 TORCH_LIBRARY(fastllava, m) {
+  m.def("set_avx512(bool enabled) -> bool", &set_avx512);
+  m.def("avx512_active() -> bool", &avx512_active);
   m.def("gemv(Tensor x, Tensor weight, Tensor? bias=None) -> Tensor");
   m.def("gemv_int8(Tensor x, Tensor weight, Tensor scales, Tensor? bias=None) -> Tensor");
   m.def("gemv_int4(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, int group, Tensor? bias=None) -> Tensor");

@@ -28,6 +28,11 @@ from fastllava.models.fused_ops import joint_product, pointwise_ops_apply
 from fastllava.models.rope import apply_rotary, rotary_cos_sin
 
 
+# The C++ gated SiLU (AVX2) saves an op on AVX2 CPUs; where PyTorch runs AVX-512 its own silu and mul are faster
+# (measured, one thread, bf16 x 2816: 8 vs 5 us at 1 row, 2.5 vs 1.8 ms at 757 rows).
+SILU_MUL_KERNEL_FASTER = not torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+
+
 class RMSNorm(nn.Module):
     def __init__(self, size: int, eps: float):
         super().__init__()
@@ -88,10 +93,12 @@ class DecoderMLP(nn.Module):
         self.act = get_activation(config.hidden_act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.act is F.silu and pointwise_ops_apply(x):  # the gated SiLU as one op (models/fused_ops.py)
+        if self.act is F.silu and pointwise_ops_apply(x):  # gate/up as one product (models/fused_ops.py)
             projected = joint_product(self, ("gate_proj", "up_proj"), x)
             gate, up = projected if projected is not None else (self.gate_proj(x), self.up_proj(x))
-            return self.down_proj(torch.ops.fastllava.silu_mul(gate, up))
+            if SILU_MUL_KERNEL_FASTER:  # the gated SiLU as one op
+                return self.down_proj(torch.ops.fastllava.silu_mul(gate, up))
+            return self.down_proj(F.silu(gate) * up)
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -202,7 +209,10 @@ class TextModel(nn.Module):
                 cache.valid[:, :total] = key_valid
             key_valid = cache.valid[:, :total]
             cache.length = total
-        plain_causal = key_valid is None and past == 0 and all(w is None for w in self.sliding_windows)
+        # No padding, nothing cached, no window: SDPA's own causal path (no mask tensor; measured 0.64 s against
+        # 1.03 s with an explicit 757x757 mask over 24 layers of a bf16 prefill on an AVX512-BF16 CPU).
+        every_key_valid = key_valid is None or bool(key_valid.all())
+        plain_causal = every_key_valid and past == 0 and all(w is None for w in self.sliding_windows)
         masks = [None] * len(self.layers) if plain_causal else self.layer_masks(
             slots, key_valid if key_valid is not None else torch.ones(batch, total, dtype=torch.bool, device=device)
         )

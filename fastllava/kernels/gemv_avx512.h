@@ -1,0 +1,16 @@
+// The AVX-512 BF16 products of gemv_avx512.cpp, called by gemv.cpp after a runtime CPU check.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cstdint>
+
+namespace fastllava {
+
+// The CPU has AVX512F/BW/VL/DQ, AVX512-BF16 and BMI2 (checked once).
+bool avx512_bf16_supported();
+
+// out (M, N) float32 = x (M, K) bf16 @ weight (N, K) bf16 ^T; contiguous rows; rows split across torch's threads.
+void gemv_bf16_avx512(const at::BFloat16* weight, const at::BFloat16* x, int64_t M, int64_t N, int64_t K, float* out);
+
+}  // namespace fastllava
