@@ -5,7 +5,8 @@ preallocated cache (``kv_len`` = its capacity) with a mask of the valid slots, w
 given as a tensor, and takes RoPE frequencies as an input, so nothing in it depends on Python values that change
 from token to token. That makes it compilable (``torch.compile``) once per cache capacity; capacities are
 rounded up to ``CAPACITY_BUCKET`` so a chat or a server does not recompile for every prompt length.
-``StepRunner`` runs it eagerly or compiled; both give the same tokens.
+``StepRunner`` runs it eagerly or compiled; both give the same tokens. Eagerly on CPU it runs
+``generation/lean_step.py``'s ``LeanStep`` where that applies: the same ops with the module tree taken out.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import os
 import torch
 
 from fastllava.generation.kv_cache import KVCache
+from fastllava.generation.lean_step import LeanStep
 from fastllava.models.attention_plan import DensePlan
 from fastllava.models.rope import inverse_frequencies, rotary_cos_sin
 
@@ -63,6 +65,7 @@ class StepRunner:
         self.compile = compile_enabled(compile)
         self.dynamic_rope = self.config.rope_parameters["rope_type"] == "dynamic"
         self._inv_freq = inverse_frequencies(self.config, device=model.device)
+        self._lean: LeanStep | None | bool = False  # built on the first eager step (False: not yet)
 
     def _function(self):
         if not self.compile:
@@ -83,4 +86,9 @@ class StepRunner:
         slot_tensor = torch.tensor([slot], device=tokens.device)
         if self.compile:  # one fixed shape per capacity
             return self._function()(self.model, cache, tokens, positions, slot_tensor, inv_freq)
-        return decode_step(self.model, cache, tokens, positions, slot_tensor, inv_freq, eager_window(slot + 1, cache.capacity))
+        window = eager_window(slot + 1, cache.capacity)
+        if self._lean is False:
+            self._lean = LeanStep.build(self.model)
+        if self._lean is not None and self._lean.applies(cache, tokens.shape[0]):
+            return self._lean(cache, tokens, positions, slot_tensor, inv_freq, window)  # same logits, less Python
+        return decode_step(self.model, cache, tokens, positions, slot_tensor, inv_freq, window)

@@ -1,0 +1,108 @@
+"""The lean decode step (fastllava/generation/lean_step.py) against the module path it replaces: the same logits,
+bit for bit, for bf16 and int8/int4 weights, GQA, q/k/v biases, sliding windows, left-padded batches; and the
+cases where it must step aside."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fastllava
+from fastllava.generation.decode_step import StepRunner, decode_step, eager_window
+from fastllava.generation.lean_step import LeanStep
+from fastllava.generation.session import DecodeSession
+from fastllava.kernels import build
+
+
+@pytest.fixture(scope="module", autouse=True)
+def kernels():
+    assert build.load(), "the C++ kernels did not build"
+
+
+def load(directory, quantization=None):
+    config = None if quantization is None else {"weights": quantization[0], "group_size": quantization[1]}
+    return fastllava.LlavaForConditionalGeneration.from_pretrained(directory, dtype=torch.bfloat16,
+                                                                    quantization_config=config)
+
+
+def prompt_batch(model, rows: int, length: int = 11):
+    torch.manual_seed(rows)
+    ids = torch.randint(5, model.config.text_config.vocab_size - 5, (rows, length))
+    mask = torch.ones_like(ids)
+    for row in range(1, rows):  # left padding of different lengths
+        mask[row, : 2 * row] = 0
+    return ids, mask
+
+
+def lean_and_module_logits(model, rows: int, steps: int = 6):
+    """Decode ``steps`` tokens twice from the same prefill, stepping with LeanStep and with decode_step."""
+    runs = []
+    for use_lean in (True, False):
+        ids, mask = prompt_batch(model, rows)
+        with torch.inference_mode():
+            session = DecodeSession(model, rows, 64)
+            token = session.extend(ids, attention_mask=mask).argmax(-1)
+            runner = session.step_runner
+            lean = LeanStep.build(model)
+            assert lean is not None and lean.applies(session.cache, rows)
+            logits = []
+            for _ in range(steps):
+                cache = session.cache
+                slot = cache.length
+                cache.valid[:, slot] = True
+                cache.length = slot + 1
+                args = (cache, token.view(-1, 1), session.next_positions[:, None], torch.tensor([slot]),
+                        runner._inv_freq)
+                window = eager_window(slot + 1, cache.capacity)
+                out = lean(*args, window) if use_lean else decode_step(model, *args, window)
+                session.next_positions += 1
+                logits.append(out)
+                token = out.argmax(-1)
+        runs.append(torch.stack(logits))
+    return runs
+
+
+@pytest.mark.parametrize("family", ["clip_llama", "clip_mistral", "siglip_qwen2"])  # GQA, window, q/k/v bias
+@pytest.mark.parametrize("rows", [1, 3])
+def test_bf16_logits_equal_the_module_path(checkpoint_factory, family, rows):
+    lean, module = lean_and_module_logits(load(checkpoint_factory(family)), rows)
+    assert torch.equal(lean, module)
+
+
+@pytest.mark.parametrize("quantization", [("int8", None), ("int4", 32)])
+def test_quantized_logits_equal_the_module_path(checkpoint_factory, quantization):
+    lean, module = lean_and_module_logits(load(checkpoint_factory("clip_llama"), quantization), 2)
+    assert torch.equal(lean, module)
+
+
+def test_generate_uses_it_and_keeps_its_tokens(checkpoint_factory, monkeypatch):
+    model = load(checkpoint_factory("siglip_qwen2"))
+    ids, mask = prompt_batch(model, 2)
+    calls = []
+    real = LeanStep.__call__
+    monkeypatch.setattr(LeanStep, "__call__", lambda self, *a: calls.append(1) or real(self, *a))
+    with_lean = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
+    assert len(calls) == 7  # every decode step after the prefill's token
+    monkeypatch.setattr(LeanStep, "build", classmethod(lambda cls, m: None))
+    without = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
+    assert torch.equal(with_lean, without)
+
+
+def test_steps_aside_where_it_would_not_match(checkpoint_factory, monkeypatch):
+    directory = checkpoint_factory("clip_llama")
+    float32 = fastllava.LlavaForConditionalGeneration.from_pretrained(directory, dtype=torch.float32)
+    assert LeanStep.build(float32) is None  # fp32 products stay on PyTorch's ops
+    model = load(directory)
+    monkeypatch.setenv("FASTLLAVA_HALF_MATMUL", "native")
+    assert LeanStep.build(model) is None
+    monkeypatch.delenv("FASTLLAVA_HALF_MATMUL")
+    model.model.language_model.layers[0].self_attn.attn_implementation = "eager"
+    assert LeanStep.build(model) is None
+    model.model.language_model.layers[0].self_attn.attn_implementation = "sdpa"
+    lean = LeanStep.build(model)
+    session = DecodeSession(model, 1, 64)
+    with torch.no_grad():
+        assert lean.applies(session.cache, 1) and not lean.applies(session.cache, lean.max_rows)
+    assert not lean.applies(session.cache, 1)  # with autograd on (training), the module path
+    monkeypatch.setitem(build._state, "loaded", False)
+    assert LeanStep.build(model) is None and isinstance(StepRunner(model), StepRunner)
