@@ -1,18 +1,29 @@
-"""Side-by-side generation speed: fastllava vs transformers on the llava-interleave-qwen-0.5b architecture.
+"""Side-by-side generation speed: fastllava vs transformers on the llava-interleave-qwen-0.5b and llava-1.5-7b
+architectures.
 
-A bf16 random-weight checkpoint of the real architecture (made by transformers, cached under bench_out/),
-one 384x384 image per sequence (729 image tokens) in the interleave chat prompt, greedy decoding of exactly
-``--new-tokens`` tokens (EOS suppressed by min_new_tokens so both libraries do the same work), batch 1 and 8.
-Reports per library: time to first token and decode tokens/s, both from per-token timestamps of one generate() (a streamer), the
-ratios ours/theirs, the decode bandwidth achieved (text-model + lm_head weight bytes x tok/s) against this
-machine's read bandwidth measured in the same run, and a multi-turn check: the second turn's time to first
-token with the conversation's KV cache reused, against the first turn's. One JSON line per result.
+A bf16 random-weight checkpoint of the real architecture (made by transformers in bf16 from the start, never an
+fp32 copy; cached under bench_out/), one image per sequence in the architecture's chat prompt (interleave: a
+384x384 image, 729 image tokens, 757 prompt tokens; llava-1.5: 336x336 through CLIP ViT-L/14-336, 576 image tokens
+in "USER: <image>\nWhat is shown in this image? ASSISTANT:", 594 prompt tokens), greedy decoding of exactly
+``--new-tokens`` tokens (EOS suppressed by min_new_tokens so both libraries do the same work), batch 1 and 8 (the
+7b: batch 1). Reports per library: time to first token and decode tokens/s, both from per-token timestamps of one
+generate() (a streamer), the ratios ours/theirs, the decode bandwidth achieved (decoder layers + final norm +
+lm_head weight bytes x tok/s) against this machine's read bandwidth measured in the same run, and (0.5b) a
+multi-turn check: the second turn's time to first token with the conversation's KV cache reused, against the
+first turn's. One JSON line per result.
+
+``--separate-processes`` (the default for ``--arch llava-1.5-7b``: the two 14 GB models do not fit in 24 GiB
+together) runs each library in its own fresh interpreter, one after the other: the checkpoint is made by a third
+process, so the parent never holds a model; each worker imports its library, loads (``load_s``), warms up,
+generates, records its peak RSS (VmHWM), frees the model and measures the read bandwidth in that same process.
 
     python benchmarks/bench_generate.py [--new-tokens 64] [--batches 1 8] [--repeats 2]
+    python benchmarks/bench_generate.py --arch llava-1.5-7b --threads 1 --new-tokens 32 --repeats 1
 
-Measured here (AVX2 EPYC, no bf16 arithmetic, 2 cores, ``--threads 1 --batches 1 --new-tokens 128 --repeats 1
---no-warmup``, bf16), 2026-11-25, session 4 (C++ kernels: GEMV/tiled products, decode attention over a bf16 KV
-cache, fused RMSNorm/RoPE/SiLU, joint q/k/v and gate/up products; huge-page weights), machine quiet (load ~1):
+llava-interleave-qwen-0.5b, measured here (AVX2 EPYC, no bf16 arithmetic, 2 cores, ``--threads 1 --batches 1
+--new-tokens 128 --repeats 1 --no-warmup``, bf16), 2026-11-25, session 4 (C++ kernels: GEMV/tiled products, decode
+attention over a bf16 KV cache, fused RMSNorm/RoPE/SiLU, joint q/k/v and gate/up products; huge-page weights),
+machine quiet (load ~1):
 fastllava TTFT 18.0 s vs transformers 109.9 s (0.16x), decode 10.47 vs 4.45 tok/s (2.36x; target 2.5x not met),
 0.64 of the 15.2 GB/s read bandwidth measured in the run (target 0.75 not met: the GEMV streams the 0.93 GB at
 ~12 GB/s, decode attention over 757 bf16 positions adds ~9 ms a token); second chat turn TTFT 0.41 s = 0.022x
@@ -25,6 +36,7 @@ bf16 GEMV): 5.27 tok/s, 0.31. Batch 8 (``--batches 8 --new-tokens 16 --no-warmup
 from __future__ import annotations
 
 import argparse
+import gc
 import sys
 import time
 from pathlib import Path
@@ -33,26 +45,40 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
+    ARCHITECTURES,
+    MIB,
     emit_json,
-    llava_interleave_qwen_0_5b_config,
     make_random_checkpoint,
     median,
+    memory_status,
     print_table,
     read_bandwidth_gb_s,
+    run_json_subprocess,
 )
 
-CHAT_PREFIX = 13  # "<|im_start|>user " + "\n" ... tokens around the image in the interleave template
-CHAT_SUFFIX = 15  # "What is shown in this image?<|im_end|><|im_start|>assistant\n"
+SCRIPT = str(Path(__file__).resolve())
+LIBRARIES = ("fastllava", "transformers")
+# Text tokens before and after the image placeholders in each architecture's chat prompt.
+CHAT_TOKENS = {
+    # "<|im_start|>user " + "\n" ... / "What is shown in this image?<|im_end|><|im_start|>assistant\n"
+    "llava-interleave-qwen-0.5b": (13, 15),
+    # llava-1.5's "USER: <image>\nWhat is shown in this image? ASSISTANT:" with the Llama tokenizer: <s> ▁USER : ▁
+    # before, \n What ▁is ▁shown ▁in ▁this ▁image ? ▁A SS IST ANT : after (5 + 576 + 13 = 594 tokens)
+    "llava-1.5-7b": (5, 13),
+}
 
 
-def make_inputs(config: dict, batch: int, seed: int = 0) -> dict:
-    """The interleave chat prompt around one image per row: text ids, 729 placeholders, text ids."""
+def make_inputs(config: dict, batch: int, seed: int = 0, arch: str = "llava-interleave-qwen-0.5b") -> dict:
+    """The architecture's chat prompt around one image per row: text ids, the image placeholders, text ids
+    (729 placeholders for interleave's SigLIP tower; 576 for llava-1.5's CLIP tower, CLS dropped)."""
     generator = torch.Generator().manual_seed(seed)
     vision = config["vision_config"]
     image_tokens = (vision["image_size"] // vision["patch_size"]) ** 2
-    vocab = 150000
-    prefix = torch.randint(100, vocab, (batch, CHAT_PREFIX), generator=generator)
-    suffix = torch.randint(100, vocab, (batch, CHAT_SUFFIX), generator=generator)
+    # random text ids below the image token and the vocabulary's end (150000 kept for interleave's figures)
+    vocab = min(150000, config["image_token_index"], config["text_config"]["vocab_size"])
+    prefix_len, suffix_len = CHAT_TOKENS[arch]
+    prefix = torch.randint(100, vocab, (batch, prefix_len), generator=generator)
+    suffix = torch.randint(100, vocab, (batch, suffix_len), generator=generator)
     images = torch.full((batch, image_tokens), config["image_token_index"])
     input_ids = torch.cat([prefix, images, suffix], dim=1)
     pixel_values = torch.randn(batch, 3, vision["image_size"], vision["image_size"], generator=generator)
@@ -92,9 +118,11 @@ def timed_generate(model, inputs: dict, new_tokens: int) -> tuple[float, float]:
 
 
 def text_weight_bytes(model) -> int:
-    """Bytes read per decoded token: the text model's weights and lm_head (tied weights counted once)."""
+    """Bytes read per decoded token: the decoder layers, final norm and lm_head (tied weights counted once; an
+    untied input embedding is only gathered, so llava-1.5's 263 MB embed_tokens is not counted)."""
+    text = model.model.language_model
     seen, total = set(), 0
-    for module in (model.model.language_model, model.lm_head):
+    for module in (text.layers, text.norm, model.lm_head):
         for parameter in module.parameters():
             if id(parameter) not in seen:
                 seen.add(id(parameter))
@@ -102,12 +130,13 @@ def text_weight_bytes(model) -> int:
     return total
 
 
-def multi_turn(model, config: dict, new_tokens: int) -> dict:
+def multi_turn(model, config: dict, new_tokens: int, arch: str = "llava-interleave-qwen-0.5b") -> dict:
     """TTFT of a first chat turn (image + prompt) and of a second turn that reuses the KV cache."""
     from fastllava.generation.session import DecodeSession
 
-    inputs = make_inputs(config, 1, seed=7)
-    second_turn = torch.randint(100, 150000, (1, 24), generator=torch.Generator().manual_seed(8))
+    inputs = make_inputs(config, 1, seed=7, arch=arch)
+    vocab = min(150000, config["image_token_index"], config["text_config"]["vocab_size"])
+    second_turn = torch.randint(100, vocab, (1, 24), generator=torch.Generator().manual_seed(8))
     with torch.inference_mode():
         session = DecodeSession(model, 1, inputs["input_ids"].shape[1] + new_tokens + 64)
         start = time.perf_counter()
@@ -122,62 +151,213 @@ def multi_turn(model, config: dict, new_tokens: int) -> dict:
     return {"first_turn_ttft_s": first, "second_turn_ttft_s": second, "ratio": second / first}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="bench_out")
-    parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
-    parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=True)
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
-                        help="bf16 is what the issue measures; float32 makes transformers' side fast on AVX2 CPUs")
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+def load_model(library: str, directory, dtype: torch.dtype):
+    if library == "fastllava":
+        import fastllava
 
-    import transformers
+        return fastllava.LlavaForConditionalGeneration.from_pretrained(directory, dtype=dtype)
+    if library == "transformers":
+        import transformers
 
-    import fastllava
+        return transformers.LlavaForConditionalGeneration.from_pretrained(directory, dtype=dtype).eval()
+    raise ValueError(f"unknown library {library!r}")
 
-    config = llava_interleave_qwen_0_5b_config()
-    directory, _ = make_random_checkpoint(Path(args.out) / "llava-interleave-qwen-0.5b-bf16", config)
+
+def generation_record(library: str, dtype: str, batch: int, new_tokens: int, prompt_tokens: int, ttft: float,
+                      decode_tps: float, weight_bytes: int, bandwidth: float) -> dict:
+    """One library's row; at batch 1 also the decode bandwidth (weight bytes x tok/s) against the machine's."""
+    record = {"bench": "generate", "library": library, "dtype": dtype, "batch": batch, "new_tokens": new_tokens,
+              "prompt_tokens": prompt_tokens, "ttft_s": ttft, "decode_tok_s": decode_tps}
+    if batch == 1:
+        record["decode_gb_s"] = weight_bytes * decode_tps / 1e9
+        record["read_bandwidth_gb_s"] = bandwidth
+        record["bandwidth_fraction"] = record["decode_gb_s"] / bandwidth
+    return record
+
+
+def ratio_record(ours: dict, theirs: dict, batch: int) -> dict:
+    ratio = {"bench": "generate", "library": "ratio fastllava/transformers", "batch": batch,
+             "ttft_s": ours["ttft_s"] / theirs["ttft_s"], "decode_tok_s": ours["decode_tok_s"] / theirs["decode_tok_s"]}
+    if "peak_rss" in ours and "peak_rss" in theirs:
+        ratio["peak_rss_gib"] = ours["peak_rss"] / theirs["peak_rss"]
+        ratio["load_s"] = ours["load_s"] / theirs["load_s"]
+    return ratio
+
+
+def run_in_process(args, config: dict, directory: Path) -> tuple[list[dict], dict | None, dict]:
+    """Both libraries' models loaded in this process, measured batch by batch (the 0.5b architecture fits)."""
     dtype = getattr(torch, args.dtype)
-    ours = fastllava.LlavaForConditionalGeneration.from_pretrained(directory, dtype=dtype)
-    theirs = transformers.LlavaForConditionalGeneration.from_pretrained(directory, dtype=dtype).eval()
+    ours = load_model("fastllava", directory, dtype)
+    theirs = load_model("transformers", directory, dtype)
     bandwidth = read_bandwidth_gb_s()
     weight_bytes = text_weight_bytes(ours)
     rows = []
     for batch in args.batches:
-        inputs = make_inputs(config, batch)
+        inputs = make_inputs(config, batch, arch=args.arch)
+        prompt_tokens = int(inputs["input_ids"].shape[1])
         results = {}
         if args.warmup:
             for name, model in (("fastllava", ours), ("transformers", theirs)):
                 timed_generate(model, inputs, 2)  # warm-up: allocator, kernels
         for name, model in (("fastllava", ours), ("transformers", theirs)):
             runs = [timed_generate(model, inputs, args.new_tokens) for _ in range(args.repeats)]
-            ttft = median(r[0] for r in runs)
-            decode_tps = batch * median(r[1] for r in runs)
-            results[name] = {"ttft_s": ttft, "decode_tok_s": decode_tps}
-        for name, result in results.items():
-            record = {"bench": "generate", "library": name, "dtype": args.dtype, "batch": batch, "new_tokens": args.new_tokens,
-                      "prompt_tokens": int(inputs["input_ids"].shape[1]), **result}
-            if batch == 1:
-                record["decode_gb_s"] = weight_bytes * result["decode_tok_s"] / 1e9
-                record["read_bandwidth_gb_s"] = bandwidth
-                record["bandwidth_fraction"] = record["decode_gb_s"] / bandwidth
-            rows.append(record)
-            emit_json(record)
-        ratio = {"bench": "generate", "library": "ratio fastllava/transformers", "batch": batch,
-                 "ttft_s": results["fastllava"]["ttft_s"] / results["transformers"]["ttft_s"],
-                 "decode_tok_s": results["fastllava"]["decode_tok_s"] / results["transformers"]["decode_tok_s"]}
-        rows.append(ratio)
-        emit_json(ratio)
-    turns = {"bench": "multi_turn", "library": "fastllava", **multi_turn(ours, config, args.new_tokens)}
-    emit_json(turns)
+            results[name] = generation_record(name, args.dtype, batch, args.new_tokens, prompt_tokens,
+                                              median(r[0] for r in runs), batch * median(r[1] for r in runs),
+                                              weight_bytes, bandwidth)
+        rows += [results["fastllava"], results["transformers"],
+                 ratio_record(results["fastllava"], results["transformers"], batch)]
+    turns = None
+    if args.multi_turn:
+        turns = {"bench": "multi_turn", "library": "fastllava", **multi_turn(ours, config, args.new_tokens, args.arch)}
+    return rows, turns, {"read_bandwidth_gb_s": bandwidth, "text_weight_bytes": weight_bytes}
+
+
+def measure_worker(library: str, checkpoint: str, arch: str, toy: bool, dtype_name: str, batches: list[int],
+                   new_tokens: int, repeats: int, warmup: bool, turns: bool) -> dict:
+    """Runs inside a fresh interpreter: load one library's model, generate for each batch size, report the
+    process's peak RSS (VmHWM, taken before the bandwidth probe), then free the model and measure the read
+    bandwidth in the same process. Times in s, memory in bytes."""
+    config = ARCHITECTURES[arch][1 if toy else 0]()
+    dtype = getattr(torch, dtype_name)
+    if library == "fastllava":  # imported before the baseline and the load clock
+        import fastllava  # noqa: F401
+    else:
+        import transformers  # noqa: F401
+        from transformers import LlavaForConditionalGeneration  # noqa: F401  (transformers imports lazily)
+    gc.collect()
+    baseline = memory_status()
+    start = time.perf_counter()
+    model = load_model(library, checkpoint, dtype)
+    load_s = time.perf_counter() - start
+    after_load = memory_status()
+    results = []
+    for batch in batches:
+        inputs = make_inputs(config, batch, arch=arch)
+        if warmup:
+            timed_generate(model, inputs, 2)  # warm-up: first touch of the mmapped weights, allocator, kernels
+        runs = [timed_generate(model, inputs, new_tokens) for _ in range(repeats)]
+        results.append({"batch": batch, "prompt_tokens": int(inputs["input_ids"].shape[1]),
+                        "ttft_s": median(r[0] for r in runs), "decode_tok_s": batch * median(r[1] for r in runs),
+                        "decode_tok_s_runs": [batch * r[1] for r in runs]})
+    end = memory_status()
+    report = {"bench": "generate_worker", "library": library, "arch": arch, "threads": torch.get_num_threads(),
+              "load_s": load_s, "text_weight_bytes": text_weight_bytes(model), "baseline_rss": baseline["rss"],
+              "after_load_rss": after_load["rss"], "peak_rss": end["hwm"], "results": results}
+    if turns and library == "fastllava":
+        report["multi_turn"] = multi_turn(model, config, new_tokens, arch)
+    del model
+    gc.collect()
+    report["read_bandwidth_gb_s"] = read_bandwidth_gb_s()
+    return report
+
+
+def run_separate(checkpoint: Path, arch: str, toy: bool = False, dtype: str = "bfloat16", batches=(1,),
+                 new_tokens: int = 32, repeats: int = 1, warmup: bool = True, turns: bool = False,
+                 threads: int | None = None, timeout: float = 7200) -> tuple[list[dict], dict | None, dict]:
+    """Each library in its own fresh interpreter, one after the other (never both models in memory at once);
+    rows like the in-process mode's plus load time and peak RSS per process, and the ratio row."""
+    reports = {}
+    for library in LIBRARIES:
+        command = [SCRIPT, "--worker", library, "--checkpoint", str(checkpoint), "--arch", arch, "--dtype", dtype,
+                   "--new-tokens", str(new_tokens), "--repeats", str(repeats), "--batches", *map(str, batches),
+                   "--warmup" if warmup else "--no-warmup", "--multi-turn" if turns else "--no-multi-turn"]
+        command += ["--toy"] if toy else []
+        command += ["--threads", str(threads)] if threads else []
+        print(f"[{time.strftime('%H:%M:%S')}] {library}: fresh process", file=sys.stderr, flush=True)
+        reports[library] = run_json_subprocess(command, timeout=timeout)
+    rows = []
+    for batch in batches:
+        records = {}
+        for library, report in reports.items():
+            result = next(r for r in report["results"] if r["batch"] == batch)
+            record = generation_record(library, dtype, batch, new_tokens, result["prompt_tokens"], result["ttft_s"],
+                                       result["decode_tok_s"], report["text_weight_bytes"],
+                                       report["read_bandwidth_gb_s"])
+            record.update(arch=arch, process="separate", threads=report["threads"], load_s=report["load_s"],
+                          decode_tok_s_runs=result["decode_tok_s_runs"], baseline_rss=report["baseline_rss"],
+                          peak_rss=report["peak_rss"], peak_rss_gib=report["peak_rss"] / (1024 * MIB))
+            records[library] = record
+        rows += [records["fastllava"], records["transformers"],
+                 ratio_record(records["fastllava"], records["transformers"], batch)]
+    turns_record = None
+    if "multi_turn" in reports["fastllava"]:
+        turns_record = {"bench": "multi_turn", "library": "fastllava", **reports["fastllava"]["multi_turn"]}
+    ours = reports["fastllava"]
+    return rows, turns_record, {"read_bandwidth_gb_s": ours["read_bandwidth_gb_s"],
+                                "text_weight_bytes": ours["text_weight_bytes"],
+                                "transformers_read_bandwidth_gb_s": reports["transformers"]["read_bandwidth_gb_s"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="bench_out")
+    parser.add_argument("--arch", default="llava-interleave-qwen-0.5b", choices=sorted(ARCHITECTURES))
+    parser.add_argument("--toy", action="store_true", help="toy-size model of the same architecture (script tests)")
+    parser.add_argument("--separate-processes", action=argparse.BooleanOptionalAction, default=None,
+                        help="each library in its own fresh process, one after the other (default: on for the 7b)")
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--batches", type=int, nargs="+", default=None, help="default: 1 8 (0.5b), 1 (7b)")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--multi-turn", action=argparse.BooleanOptionalAction, default=None,
+                        help="second chat turn's TTFT with the KV cache reused (default: on except for the 7b)")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--timeout", type=float, default=7200, help="seconds per worker process")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
+                        help="bf16 is what the issue measures; float32 makes transformers' side fast on AVX2 CPUs")
+    parser.add_argument("--worker", choices=[*LIBRARIES, "checkpoint"], help=argparse.SUPPRESS)
+    parser.add_argument("--checkpoint", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    big = args.arch == "llava-1.5-7b" and not args.toy
+    if args.separate_processes is None:
+        args.separate_processes = big
+    if args.multi_turn is None:
+        args.multi_turn = not big
+    if args.batches is None:
+        args.batches = [1] if args.arch == "llava-1.5-7b" else [1, 8]
+    config = ARCHITECTURES[args.arch][1 if args.toy else 0]()
+    directory = Path(args.out) / f"{args.arch}{'-toy' if args.toy else ''}-bf16"
+
+    if args.worker == "checkpoint":  # made in a process of its own, so the parent never holds the model
+        start = time.perf_counter()
+        _, built = make_random_checkpoint(directory, config)
+        emit_json({"bench": "checkpoint", "checkpoint": str(directory), "built": built,
+                   "seconds": time.perf_counter() - start, "peak_rss": memory_status()["hwm"]})
+        return
+    if args.worker:
+        emit_json(measure_worker(args.worker, args.checkpoint, args.arch, args.toy, args.dtype, args.batches,
+                                 args.new_tokens, args.repeats, args.warmup, args.multi_turn))
+        return
+
+    columns = ["library", "batch", "prompt_tokens", "ttft_s", "decode_tok_s", "decode_gb_s", "bandwidth_fraction"]
+    if args.separate_processes:
+        made = run_json_subprocess([SCRIPT, "--worker", "checkpoint", "--arch", args.arch, "--out", args.out]
+                                   + (["--toy"] if args.toy else []), timeout=args.timeout)
+        if made["built"]:
+            print(f"made {directory} in {made['seconds']:.0f} s (peak RSS {made['peak_rss'] / (1024 * MIB):.1f} GiB)",
+                  file=sys.stderr, flush=True)
+        rows, turns, info = run_separate(directory, args.arch, args.toy, args.dtype, args.batches, args.new_tokens,
+                                         args.repeats, args.warmup, args.multi_turn, args.threads, args.timeout)
+        columns += ["read_bandwidth_gb_s", "peak_rss_gib", "load_s"]
+    else:
+        directory, _ = make_random_checkpoint(directory, config)
+        rows, turns, info = run_in_process(args, config, directory)
+    for row in rows:
+        emit_json(row)
+    if turns is not None:
+        emit_json(turns)
     print()
-    print_table(rows, ["library", "batch", "prompt_tokens", "ttft_s", "decode_tok_s", "decode_gb_s", "bandwidth_fraction"])
-    print(f"\nread bandwidth {bandwidth:.1f} GB/s; text weights {weight_bytes / 1e9:.2f} GB; second chat turn TTFT "
-          f"{turns['second_turn_ttft_s']:.3f} s = {turns['ratio']:.3f} x the first turn's {turns['first_turn_ttft_s']:.2f} s")
+    print_table(rows, columns)
+    summary = (f"\n{args.arch}{' (toy)' if args.toy else ''}, {args.threads} thread(s): read bandwidth "
+               f"{info['read_bandwidth_gb_s']:.1f} GB/s")
+    if "transformers_read_bandwidth_gb_s" in info:
+        summary += f" (transformers' process: {info['transformers_read_bandwidth_gb_s']:.1f})"
+    summary += f"; text weights {info['text_weight_bytes'] / 1e9:.2f} GB"
+    if turns is not None:
+        summary += (f"; second chat turn TTFT {turns['second_turn_ttft_s']:.3f} s = {turns['ratio']:.3f} x the "
+                    f"first turn's {turns['first_turn_ttft_s']:.2f} s")
+    print(summary)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,10 @@
 """Small helpers shared by the benchmark scripts: real architecture configs, memory readings, output.
 
-``llava_interleave_qwen_0_5b_config`` is the config.json of llava-hf/llava-interleave-qwen-0.5b-hf (a dict, so
-either library can build it); ``make_random_checkpoint`` writes a random-weight checkpoint of a config with
-transformers, in the target dtype from the start (no fp32 copy), and reuses it when already there.
+``llava_interleave_qwen_0_5b_config`` and ``llava_1_5_7b_config`` are the config.json of
+llava-hf/llava-interleave-qwen-0.5b-hf and llava-hf/llava-1.5-7b-hf (dicts, so either library can build them;
+``ARCHITECTURES`` maps a name to the real and a toy-size config); ``make_random_checkpoint`` writes a random-weight
+checkpoint of a config with transformers, in the target dtype from the start (no fp32 copy), and reuses it when
+already there.
 ``memory_status`` reads the process's current and peak resident memory; ``run_json_subprocess`` runs a command
 in a fresh interpreter and returns the JSON object it printed last. ``print_table`` / ``emit_json`` write the
 human table and the one-JSON-line-per-result output every benchmark prints (see DESIGN.md, Conventions).
@@ -92,6 +94,90 @@ def toy_llava_interleave_config() -> dict[str, Any]:
                     image_size=28, patch_size=7),
         image_token_index=511,
     )
+
+
+# config.json of llava-hf/llava-1.5-7b-hf (transformers 4.37-4.39 exports; also llava-hf's copies of it), with
+# every field the hub file leaves to a default written out. Sources: the hub file gives image_token_index 32000,
+# pad_token_id 32001 (top level, not in text_config), projector gelu, vision_feature_layer -2, strategy "default",
+# tie_word_embeddings false; text_config max_position_embeddings 4096, rms_norm_eps 1e-5, vocab_size 32064
+# (lmsys/vicuna-7b-v1.5); vision_config hidden 1024, intermediate 4096, 24 layers, 16 heads, image 336, patch
+# 14, projection_dim 768 (openai/clip-vit-large-patch14-336). The rest are the defaults of transformers'
+# LlamaConfig (hidden 4096, intermediate 11008, 32 layers, 32 heads, KV heads = heads, silu, rope_theta 1e4, no
+# biases) and CLIPVisionConfig (layer_norm_eps 1e-5, quick_gelu), checked against transformers 5.25 in the venv
+# (tests/test_benchmark_scripts.py asserts them). 7.06 B parameters, 14.1 GB in bf16 (the hub file is fp16).
+LLAVA_1_5_7B: dict[str, Any] = {
+    "architectures": ["LlavaForConditionalGeneration"],
+    "model_type": "llava",
+    "ignore_index": -100,
+    "image_token_index": 32000,
+    "pad_token_id": 32001,
+    "projector_hidden_act": "gelu",
+    "vision_feature_layer": -2,
+    "vision_feature_select_strategy": "default",
+    "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16",
+    "text_config": {
+        "_name_or_path": "lmsys/vicuna-7b-v1.5",
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "hidden_act": "silu",
+        "hidden_size": 4096,
+        "intermediate_size": 11008,
+        "max_position_embeddings": 4096,
+        "num_attention_heads": 32,
+        "num_hidden_layers": 32,
+        "num_key_value_heads": 32,
+        "rms_norm_eps": 1e-05,
+        "rope_theta": 10000.0,
+        "attention_bias": False,
+        "mlp_bias": False,
+        "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16",
+        "vocab_size": 32064,
+    },
+    "vision_config": {
+        "model_type": "clip_vision_model",
+        "hidden_act": "quick_gelu",
+        "hidden_size": 1024,
+        "image_size": 336,
+        "intermediate_size": 4096,
+        "layer_norm_eps": 1e-05,
+        "num_attention_heads": 16,
+        "num_hidden_layers": 24,
+        "patch_size": 14,
+        "projection_dim": 768,
+    },
+}
+
+
+def llava_1_5_7b_config(text: dict[str, Any] | None = None, vision: dict[str, Any] | None = None,
+                        **top: Any) -> dict[str, Any]:
+    """The real llava-1.5-7b config as a fresh dict; overrides shrink it for tests."""
+    config = copy.deepcopy(LLAVA_1_5_7B)
+    config["text_config"].update(text or {})
+    config["vision_config"].update(vision or {})
+    config.update(top)
+    return config
+
+
+def toy_llava_1_5_config() -> dict[str, Any]:
+    """llava-1.5's architecture (CLIP tower, penultimate layer without CLS, Llama text model) at toy size."""
+    return llava_1_5_7b_config(
+        text=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=4, vocab_size=512, max_position_embeddings=256),
+        vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                    image_size=28, patch_size=7, projection_dim=16),
+        image_token_index=510, pad_token_id=511,
+    )
+
+
+# name -> (real config, toy config of the same architecture)
+ARCHITECTURES = {
+    "llava-interleave-qwen-0.5b": (llava_interleave_qwen_0_5b_config, toy_llava_interleave_config),
+    "llava-1.5-7b": (llava_1_5_7b_config, toy_llava_1_5_config),
+}
 
 
 def config_fingerprint(config: dict[str, Any]) -> str:

@@ -37,6 +37,11 @@ def bench_load():
 
 
 @pytest.fixture(scope="module")
+def bench_generate():
+    return load_script("bench_generate")
+
+
+@pytest.fixture(scope="module")
 def toy_checkpoint(common, tmp_path_factory):
     directory, built = common.make_random_checkpoint(tmp_path_factory.mktemp("toy") / "ckpt",
                                                      common.toy_llava_interleave_config())
@@ -107,3 +112,67 @@ def test_load_benchmark_end_to_end_at_toy_size(bench_load, toy_checkpoint, capsy
     bench_load.print_report(result)
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
     assert [json.loads(line)["library"] for line in lines] == ["fastllava", "transformers", "fastllava/transformers"]
+
+
+def test_llava_1_5_7b_config_matches_the_hub_architecture(common):
+    """Every field written out in LLAVA_1_5_7B is what llava-hf/llava-1.5-7b-hf's config.json (or, where the hub
+    file leaves it out, transformers' default) says, and the whole model is 7.06 B parameters."""
+    import torch
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    real = common.llava_1_5_7b_config()
+    config = LlavaConfig(**{k: v for k, v in real.items() if k not in ("architectures", "model_type")})
+    text, vision = config.text_config, config.vision_config
+    assert (text.model_type, vision.model_type) == ("llama", "clip_vision_model")
+    assert (text.hidden_size, text.intermediate_size, text.num_hidden_layers, text.num_attention_heads,
+            text.num_key_value_heads, text.vocab_size, text.max_position_embeddings) == (
+                4096, 11008, 32, 32, 32, 32064, 4096)
+    assert text.rms_norm_eps == 1e-5 and text.rope_parameters["rope_theta"] == 10000.0 and not text.tie_word_embeddings
+    assert (vision.hidden_size, vision.intermediate_size, vision.num_hidden_layers, vision.num_attention_heads,
+            vision.image_size, vision.patch_size, vision.projection_dim) == (1024, 4096, 24, 16, 336, 14, 768)
+    assert vision.hidden_act == "quick_gelu" and vision.layer_norm_eps == 1e-5
+    assert (config.image_token_id, config.pad_token_id, config.vision_feature_layer,
+            config.vision_feature_select_strategy, config.projector_hidden_act) == (
+                32000, 32001, -2, "default", "gelu")
+    # the fields the hub file omits are transformers' own defaults
+    llama, clip = LlamaConfig(), CLIPVisionConfig()
+    for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "hidden_act"):
+        assert real["text_config"][key] == getattr(llama, key), key
+    for key in ("layer_norm_eps", "hidden_act"):
+        assert real["vision_config"][key] == getattr(clip, key), key
+    with torch.device("meta"):
+        model = LlavaForConditionalGeneration(config)
+    assert sum(p.numel() for p in model.parameters()) == 7_063_427_072
+
+
+def test_generate_benchmark_separate_processes_at_toy_size(common, bench_generate, tmp_path):
+    """The 7b mode end to end at toy size: each library in a fresh process, one JSON row each plus the ratio."""
+    config = common.toy_llava_1_5_config()
+    checkpoint, built = common.make_random_checkpoint(tmp_path / "llava-1.5-toy", config)
+    assert built
+    rows, turns, info = bench_generate.run_separate(checkpoint, "llava-1.5-7b", toy=True, batches=[1], new_tokens=4,
+                                                    repeats=1, warmup=False, turns=False, threads=1, timeout=300)
+    ours, theirs, ratio = rows
+    assert turns is None
+    assert (ours["library"], theirs["library"], ratio["library"]) == ("fastllava", "transformers",
+                                                                       "ratio fastllava/transformers")
+    # 5 + 16 image placeholders (CLIP, 28 px / 7 px patches, CLS dropped) + 13 prompt tokens
+    for row in (ours, theirs):
+        assert row["process"] == "separate" and row["arch"] == "llava-1.5-7b" and row["threads"] == 1
+        assert row["prompt_tokens"] == 5 + 16 + 13 and row["new_tokens"] == 4 and row["batch"] == 1
+        assert row["ttft_s"] > 0 and row["decode_tok_s"] > 0 and row["load_s"] > 0
+        assert row["read_bandwidth_gb_s"] > 0
+        assert row["decode_gb_s"] == pytest.approx(info["text_weight_bytes"] * row["decode_tok_s"] / 1e9)
+        assert row["bandwidth_fraction"] == pytest.approx(row["decode_gb_s"] / row["read_bandwidth_gb_s"])
+        assert 0 < row["baseline_rss"] < row["peak_rss"]
+    # both processes count the same bytes per token: decoder layers, norm, untied lm_head, in bf16
+    text = config["text_config"]
+    hidden, inter, vocab, layers = (text["hidden_size"], text["intermediate_size"], text["vocab_size"],
+                                    text["num_hidden_layers"])
+    assert info["text_weight_bytes"] == 2 * (layers * (4 * hidden * hidden + 3 * hidden * inter + 2 * hidden)
+                                             + hidden + vocab * hidden)
+    assert ratio["ttft_s"] == pytest.approx(ours["ttft_s"] / theirs["ttft_s"])
+    assert ratio["decode_tok_s"] == pytest.approx(ours["decode_tok_s"] / theirs["decode_tok_s"])
+    assert ratio["peak_rss_gib"] == pytest.approx(ours["peak_rss"] / theirs["peak_rss"])
+    for row in rows:
+        assert json.loads(json.dumps(row)) == row  # each is one JSON line
