@@ -100,10 +100,13 @@ def test_int8(kernels, rows):
 
 @pytest.mark.parametrize("group", [32, 64, 128, 256])
 @pytest.mark.parametrize("rows", [1, 2, 3, 6])
-def test_int4(kernels, group, rows):
+@pytest.mark.parametrize("width", [512, 768])  # 768: 3 groups of 256, 12 blocks of 64
+def test_int4(kernels, isa, group, rows, width):
+    """Float activations (bf16 x takes the AVX512-BF16 loop where active: codes as bf16 128 + q, see
+    gemv_avx512.cpp), against the float64 product of the dequantized weights."""
     torch.manual_seed(group + rows)
-    width = 512
     weight = torch.randn(45, width) * 0.05
+    weight[3] += 0.3  # a row whose zero point is far from its codes' centre (the -136 s + z offset matters)
     for scale_dtype in (torch.bfloat16, torch.float32):
         packed, scales, zeros = quantize_int4(weight, group, scale_dtype)
         dequantized = dequantize_int4(packed, scales, zeros, torch.float64)

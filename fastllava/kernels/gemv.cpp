@@ -377,6 +377,18 @@ at::Tensor gemv_int4(const at::Tensor& x, const at::Tensor& qweight, const at::T
                      const at::Tensor& zeros, int64_t group, const std::optional<at::Tensor>& bias) {
   const std::array<int64_t, 3> shape = check_int4("gemv_int4", qweight, scales, zeros, group);
   const int64_t N = shape[0], K = shape[1], groups = shape[2];
+  const bool float_scales = scales.scalar_type() == at::kFloat;
+  if (x.scalar_type() == at::kBFloat16 && use_avx512.load() && K % 64 == 0 &&
+      (float_scales || scales.scalar_type() == at::kBFloat16) && group <= 256) {
+    TORCH_CHECK(x.device().is_cpu() && x.size(-1) == K, "gemv_int4: input width ", x.size(-1),
+                " does not match the weight's ", K);
+    with_group_constant("gemv_int4", group, [](auto) {});  // the same group sizes as the AVX2 loops
+    const at::Tensor rows = x.reshape({-1, K}).contiguous();
+    at::Tensor out = at::empty({rows.size(0), N}, rows.options().dtype(at::kFloat));
+    fastllava::gemv_int4_bf16_avx512(qweight.data_ptr<uint8_t>(), scales.data_ptr(), zeros.data_ptr(), float_scales,
+                                     group, rows.data_ptr<at::BFloat16>(), rows.size(0), N, K, out.data_ptr<float>());
+    return finish(out, x, N, bias);
+  }
   at::Tensor xf = float_rows(x, K);
   const int64_t M = xf.size(0);
   // x columns reordered per block of 16 (the 8 even ones, then the 8 odd ones: the codes' nibble order), and

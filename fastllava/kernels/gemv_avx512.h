@@ -13,4 +13,9 @@ bool avx512_bf16_supported();
 // out (M, N) float32 = x (M, K) bf16 @ weight (N, K) bf16 ^T; contiguous rows; rows split across torch's threads.
 void gemv_bf16_avx512(const at::BFloat16* weight, const at::BFloat16* x, int64_t M, int64_t N, int64_t K, float* out);
 
+// out (M, N) float32 = x (M, K) bf16 @ int4 weights^T (fastllava's layout: codes (N, K/2), w = (q - 8) s + z per
+// group; scales/zeros (N, K/group) float32 when float_scales, else bf16); K a multiple of 64 and of group.
+void gemv_int4_bf16_avx512(const uint8_t* codes, const void* scales, const void* zeros, bool float_scales,
+                           int64_t group, const at::BFloat16* x, int64_t M, int64_t N, int64_t K, float* out);
+
 }  // namespace fastllava
