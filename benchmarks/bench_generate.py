@@ -30,6 +30,11 @@ measured in its own); peak RSS 13.64 vs 13.84 GiB (the weights are 13.16 GiB; ba
 0.36 GiB), so ours holds no second copy; load 33.4 s (reads the 14.1 GB file, copies the text weights into huge
 pages) vs 1.0 s (transformers maps the file lazily: its page-ins fall in the warm-up generate). The random
 checkpoint took 161 s to make, peak RSS 13.5 GiB. Both processes were contended, so these are lower bounds.
+Second run, same day, ``--new-tokens 32``, quieter but not quiet (a train-demo, ~0.9 core, ran throughout this one
+too; load 2.4 at the start, 1.1 at the end): TTFT 46.1 vs 47.9 s (0.96x), decode 1.39 vs 0.51 tok/s
+(2.73x), 18.4 vs 6.7 GB/s = 0.85 of the 21.7 GB/s probe in fastllava's process (0.67 of the 27.4 GB/s probe in
+transformers'; the probe itself moves with the other jobs), transformers 0.25; peak RSS 13.64 vs 13.88 GiB (0.98x);
+load 48.0 vs 1.1 s.
 
 llava-interleave-qwen-0.5b, measured here (AVX2 EPYC, no bf16 arithmetic, 2 cores, ``--threads 1 --batches 1
 --new-tokens 128 --repeats 1 --no-warmup``, bf16), 2026-11-25, session 4 (C++ kernels: GEMV/tiled products, decode
