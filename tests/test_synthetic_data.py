@@ -269,6 +269,16 @@ def test_yesno_near_misses():
     assert sum(hard) > 2 * sum(plain) > 0
 
 
+def test_shape_count_weights():
+    """``shape_weights`` changes how many shapes the pictures hold; without it the generator's own mix is kept."""
+    def counts(weights):
+        return [len(sd.make_example(6, i, shape_weights=weights)[1]["scene"]["shapes"]) for i in range(60)]
+
+    assert set(counts({"4": 1.0})) == {4} and set(counts({1: 1.0})) == {1}
+    assert counts(None) == [len(sd.make_example(6, i)[1]["scene"]["shapes"]) for i in range(60)]
+    assert counts(dict(sd.NUM_SHAPES_WEIGHTS)) == counts(None)
+
+
 # --------------------------------------------------------------------------------------------- held-out split
 
 

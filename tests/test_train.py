@@ -307,6 +307,31 @@ def test_demo_template_renders_like_transformers(processor):
         assert ours == theirs
 
 
+def test_text_model_init_for_scratch():
+    """The projector and text model are re-drawn at the given scale (output projections smaller), the vision tower and
+    the global random stream are left alone, and the same seed gives the same weights."""
+    from fastllava.models.llava import LlavaForConditionalGeneration
+    from fastllava.train.demo import init_text_model_for_scratch
+
+    special = {"bos": 1, "eos": 2, "pad": 3, "image": 4}
+    torch.manual_seed(0)
+    model = LlavaForConditionalGeneration(demo_config(TOY, 64, special))
+    tower = {k: v.clone() for k, v in model.model.vision_tower.state_dict().items()}
+    state = torch.get_rng_state()
+    init_text_model_for_scratch(model, 0.125, seed=3)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert all(torch.equal(v, tower[k]) for k, v in model.model.vision_tower.state_dict().items())
+    layer = model.model.language_model.layers[0]
+    assert abs(float(layer.self_attn.q_proj.weight.detach().std()) - 0.125) < 0.02
+    assert abs(float(layer.mlp.down_proj.weight.detach().std()) - 0.125 / math.sqrt(2 * TOY.text_layers)) < 0.01
+    assert abs(float(model.lm_head.weight.detach().std()) - 0.125) < 0.02
+    assert abs(float(model.model.multi_modal_projector.linear_1.weight.detach().std()) - 0.125) < 0.02
+    assert float(model.model.language_model.norm.weight.detach().min()) == 1.0
+    again = LlavaForConditionalGeneration(demo_config(TOY, 64, special))
+    init_text_model_for_scratch(again, 0.125, seed=3)
+    assert torch.equal(again.lm_head.weight, model.lm_head.weight)
+
+
 def test_scene_patch_labels():
     scene = {"width": 32, "height": 32, "shapes": [
         {"shape": "square", "color": "blue", "rgb": [0, 0, 255], "cx": 8.0, "cy": 8.0, "size": 14.0, "rotation": 0.0}]}

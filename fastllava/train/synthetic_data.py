@@ -414,12 +414,13 @@ def _contrast_ok(bg: np.ndarray, shapes: list[dict]) -> bool:
 
 
 def sample_scene(rng: random.Random, width: int = 64, height: int | None = None, rendering: str = "train",
-                 max_shapes: int = 4) -> dict:
-    """A random scene (see ``fastllava.train.shapes``) with 1..max_shapes shapes, rendering variations of a split."""
+                 max_shapes: int = 4, shape_weights: dict | None = None) -> dict:
+    """A random scene (see ``fastllava.train.shapes``) with 1..max_shapes shapes, rendering variations of a split.
+    ``shape_weights``: {number of shapes: weight} instead of ``NUM_SHAPES_WEIGHTS``."""
     height = width if height is None else height
     spec = RENDERING[rendering]
     side = min(width, height)
-    weights = {n: w for n, w in NUM_SHAPES_WEIGHTS.items() if n <= max_shapes} or {1: 1.0}
+    weights = {int(n): w for n, w in (shape_weights or NUM_SHAPES_WEIGHTS).items() if int(n) <= max_shapes} or {1: 1.0}
     n = _choice_weighted(rng, weights)
     # Prefer distinct kinds and colours (p=0.8 each) but allow repeats, so counting and "two red circles" occur.
     kinds, colors = [], []
@@ -792,13 +793,14 @@ def _image_rng(seed: int, phr: str, ren: str, index: int) -> random.Random:
 def make_example(seed: int, index: int, split: str = "train", *, questions_per_image: int = 1,
                  image_size: int | Sequence[int] = 64, phrasings: str | None = None, rendering: str | None = None,
                  type_weights: dict | None = None, max_shapes: int = 4,
-                 image_format: str = "png", yesno_hard: float | None = None) -> tuple[Image.Image, dict]:
+                 image_format: str = "png", yesno_hard: float | None = None,
+                 shape_weights: dict | None = None) -> tuple[Image.Image, dict]:
     """One (image, record) pair, in memory. The record's "image" is the file name it would be saved under, and
     "image_format"/"jpeg_quality" say how to encode it (a JPEG round trip changes the pixels)."""
     phr, ren = _resolve_split(split, phrasings, rendering)
     rng = _image_rng(seed, phr, ren, index)
     size = image_size if isinstance(image_size, int) else rng.choice(list(image_size))
-    scene = sample_scene(rng, size, size, ren, max_shapes=max_shapes)
+    scene = sample_scene(rng, size, size, ren, max_shapes=max_shapes, shape_weights=shape_weights)
     image = render_scene(scene)
     qas = make_questions(scene, rng, questions_per_image, phr, type_weights, yesno_hard)
     fmt = image_format if image_format != "mixed" else rng.choice(["png", "jpg"])
