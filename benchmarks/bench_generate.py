@@ -36,6 +36,15 @@ too; load 2.4 at the start, 1.1 at the end): TTFT 46.1 vs 47.9 s (0.96x), decode
 transformers'; the probe itself moves with the other jobs), transformers 0.25; peak RSS 13.64 vs 13.88 GiB (0.98x);
 load 48.0 vs 1.1 s.
 
+llava-interleave-qwen-0.5b, 2026-12-04 (session 5), Zen 4 EPYC with AVX512-BF16 (transformers' bf16 is native
+there), ``--threads 1 --batches 1 --new-tokens 128 --repeats 1``, warm-up on, a training job on the other core
+(load 1.4-2.1): fastllava TTFT 8.61 s vs transformers 8.64 s (0.996x), decode 17.96 vs 5.34 tok/s (3.36x), 0.63 of
+the 26.4 GB/s read bandwidth (target 0.75 not met; a run at load 1.4 before the lean decode step: 19.0 tok/s,
+3.30x, 0.665); second chat turn TTFT 0.26 s = 0.030x the first. Same day under load 3-4: decode 3.05-3.97x, TTFT
+0.94-0.99x. The lean decode step (generation/lean_step.py) saves 2-5 ms of a ~50-58 ms step here (interleaved
+A/B in one process); what is left per token: ~37 ms of products at ~25 GB/s, ~5 ms of attention over 757 bf16
+positions (78 MB), a few ms of small ops.
+
 llava-interleave-qwen-0.5b, measured here (AVX2 EPYC, no bf16 arithmetic, 2 cores, ``--threads 1 --batches 1
 --new-tokens 128 --repeats 1 --no-warmup``, bf16), 2026-11-25, session 4 (C++ kernels: GEMV/tiled products, decode
 attention over a bf16 KV cache, fused RMSNorm/RoPE/SiLU, joint q/k/v and gate/up products; huge-page weights),

@@ -22,6 +22,14 @@ benchmarks/common.py, reused from ``--out``):
 
 Prints a table per part and one JSON line per result.
 
+2026-12-04 (session 5), Zen 4 EPYC with AVX512-BF16, ``--parts decode --threads 1 --new-tokens 64 --repeats 1
+--group-sizes 64``, a training job on the other core (load ~2): bf16 20.7 tok/s (AVX-512 bf16 GEMV at ~25 GB/s);
+int8 25.0 (1.21x bf16), int4 32.8 (1.59x), int8-saved 24.3 (1.17x), int4-saved 29.3 (1.42x): targets 1.8x / 2.5x
+not met. The quantized kernels are compute-bound on one core (int8 AVX2 loop ~15-16 G weights/s, int4 with int8
+activations ~23; AVX-512 variants of the int8/int4 loops were tried and were not faster on Zen 4, whose 512-bit
+ops are two 256-bit halves), while bf16 now streams at the bandwidth, so the ratios fell from session 4's.
+Memory targets met: int8 peak RSS = baseline + 1.05x the model's bytes, 0.77x the bf16 run's.
+
 Measured here (``--parts decode --threads 1 --new-tokens 64 --repeats 3 --group-sizes 64``, 2026-11-25, session
 4: C++ kernels incl. int4 with int8 activations, fused decoder ops, bf16 KV cache; machine quiet, load ~1), median
 of 3 fresh processes: bf16 11.5 tok/s (10.8-11.9); int8 18.0 (1.56x bf16; runs 13.0-18.2), int4 18.8 (1.64x;
