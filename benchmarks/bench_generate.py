@@ -41,7 +41,9 @@ there), ``--threads 1 --batches 1 --new-tokens 128 --repeats 1``, warm-up on, a 
 (load 1.4-2.1): fastllava TTFT 8.61 s vs transformers 8.64 s (0.996x), decode 17.96 vs 5.34 tok/s (3.36x), 0.63 of
 the 26.4 GB/s read bandwidth (target 0.75 not met; a run at load 1.4 before the lean decode step: 19.0 tok/s,
 3.30x, 0.665); second chat turn TTFT 0.26 s = 0.030x the first. Same day under load 3-4: decode 3.05-3.97x, TTFT
-0.94-0.99x. The lean decode step (generation/lean_step.py) saves 2-5 ms of a ~50-58 ms step here (interleaved
+0.94-0.99x. On the quiet machine (load ~1, 17:05) the same command gave decode 19.03 vs 5.14 tok/s (3.70x) but TTFT
+8.30 vs 7.62 s (1.09x: the TTFT target is not reliably met) and 0.55 of a 32.2 GB/s one-thread probe (the probe
+reads much more when nothing else runs; our decode did not). The lean decode step (generation/lean_step.py) saves 2-5 ms of a ~50-58 ms step here (interleaved
 A/B in one process); what is left per token: ~37 ms of products at ~25 GB/s, ~5 ms of attention over 757 bf16
 positions (78 MB), a few ms of small ops.
 

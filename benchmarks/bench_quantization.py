@@ -28,7 +28,10 @@ int8 25.0 (1.21x bf16), int4 32.8 (1.59x), int8-saved 24.3 (1.17x), int4-saved 2
 not met. The quantized kernels are compute-bound on one core (int8 AVX2 loop ~15-16 G weights/s, int4 with int8
 activations ~23; AVX-512 variants of the int8/int4 loops were tried and were not faster on Zen 4, whose 512-bit
 ops are two 256-bit halves), while bf16 now streams at the bandwidth, so the ratios fell from session 4's.
-Memory targets met: int8 peak RSS = baseline + 1.05x the model's bytes, 0.77x the bf16 run's.
+Memory targets met: int8 peak RSS = baseline + 1.05x the model's bytes, 0.77x the bf16 run's. Both cores, quiet
+machine (``--threads 2``, one fresh process per scheme): bf16 24.7 tok/s; int8 33.9 (1.38x), int4 43.9 (1.78x),
+int8-saved 47.4 (1.92x), int4-saved 44.7 (1.81x): the quantized loops gain most from the second core, the bf16
+stream little; int8 and int8-saved run the same kernel on the same layout, so their spread is run-to-run noise.
 
 Measured here (``--parts decode --threads 1 --new-tokens 64 --repeats 3 --group-sizes 64``, 2026-11-25, session
 4: C++ kernels incl. int4 with int8 activations, fused decoder ops, bf16 KV cache; machine quiet, load ~1), median
