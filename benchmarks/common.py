@@ -77,7 +77,13 @@ LLAVA_INTERLEAVE_QWEN_0_5B: dict[str, Any] = {
 def llava_interleave_qwen_0_5b_config(text: dict[str, Any] | None = None,
                                       vision: dict[str, Any] | None = None, **top: Any) -> dict[str, Any]:
     """The real config as a fresh dict; overrides shrink it for tests (same architecture, toy sizes)."""
-    config = copy.deepcopy(LLAVA_INTERLEAVE_QWEN_0_5B)
+    return _fresh_config(LLAVA_INTERLEAVE_QWEN_0_5B, text, vision, top)
+
+
+def _fresh_config(base: dict[str, Any], text: dict[str, Any] | None, vision: dict[str, Any] | None,
+                  top: dict[str, Any]) -> dict[str, Any]:
+    """A deep copy of ``base`` with the text, vision and top-level overrides applied."""
+    config = copy.deepcopy(base)
     config["text_config"].update(text or {})
     config["vision_config"].update(vision or {})
     config.update(top)
@@ -155,11 +161,7 @@ LLAVA_1_5_7B: dict[str, Any] = {
 def llava_1_5_7b_config(text: dict[str, Any] | None = None, vision: dict[str, Any] | None = None,
                         **top: Any) -> dict[str, Any]:
     """The real llava-1.5-7b config as a fresh dict; overrides shrink it for tests."""
-    config = copy.deepcopy(LLAVA_1_5_7B)
-    config["text_config"].update(text or {})
-    config["vision_config"].update(vision or {})
-    config.update(top)
-    return config
+    return _fresh_config(LLAVA_1_5_7B, text, vision, top)
 
 
 def toy_llava_1_5_config() -> dict[str, Any]:

@@ -25,14 +25,7 @@ from fastllava.generation.kv_cache import KVCache
 from fastllava.kernels.build import load as kernels_loaded
 from fastllava.models import llama
 from fastllava.models.fused_ops import _joint_weight
-from fastllava.models.half_matmul import (
-    HALF_DTYPES,
-    KERNEL_MAX_ROWS,
-    NATIVE_HALF_KERNEL_MAX_ROWS,
-    Linear,
-    _choice,
-    half_products_in_float32,
-)
+from fastllava.models.half_matmul import HALF_DTYPES, Linear, kernel_max_rows
 from fastllava.models.rope import rotary_cos_sin
 from fastllava.quantization import INT4_DECODE_KERNELS, Int4Linear, Int8Linear
 
@@ -51,15 +44,14 @@ def _product(layer: torch.nn.Module, dtype: torch.dtype) -> tuple[Product, int]:
         weight = layer.weight
         if weight.dtype not in HALF_DTYPES or not weight.is_contiguous() or weight.dtype != dtype:
             raise _Unsupported(f"a {weight.dtype} linear weight")
-        rows = NATIVE_HALF_KERNEL_MAX_ROWS if not half_products_in_float32() else KERNEL_MAX_ROWS
-        return (lambda x: ops.gemv(x, weight, bias)), rows
+        return (lambda x: ops.gemv(x, weight, bias)), kernel_max_rows(weight.dtype)
     if type(layer) is Int8Linear and getattr(layer, "kernel", None) == "gemv":
         weight, scales = layer.weight, layer.scales
-        return (lambda x: ops.gemv_int8(x, weight, scales, bias)), KERNEL_MAX_ROWS
+        return (lambda x: ops.gemv_int8(x, weight, scales, bias)), kernel_max_rows(weight.dtype)
     if type(layer) is Int4Linear and getattr(layer, "kernel", None) in INT4_DECODE_KERNELS:
         op = ops.gemv_int4_q8 if layer.kernel == "gemv_q8" else ops.gemv_int4
         qweight, scales, zeros, group = layer.qweight, layer.scales, layer.zeros, layer.group_size
-        return (lambda x: op(x, qweight, scales, zeros, group, bias)), KERNEL_MAX_ROWS
+        return (lambda x: op(x, qweight, scales, zeros, group, bias)), kernel_max_rows(qweight.dtype)
     raise _Unsupported(f"a {type(layer).__name__} product")
 
 
@@ -73,8 +65,7 @@ def _products(owner: torch.nn.Module, names: tuple[str, ...], dtype: torch.dtype
             weight, bias = joint
             sizes = [layer.out_features for layer in linears]
             ops = torch.ops.fastllava
-            rows = NATIVE_HALF_KERNEL_MAX_ROWS if not half_products_in_float32() else KERNEL_MAX_ROWS
-            return (lambda x: ops.gemv(x, weight, bias).split(sizes, dim=-1)), rows
+            return (lambda x: ops.gemv(x, weight, bias).split(sizes, dim=-1)), kernel_max_rows(weight.dtype)
     bound = [_product(layer, dtype) for layer in linears]
     products = [product for product, _ in bound]
     return (lambda x: tuple(product(x) for product in products)), min(rows for _, rows in bound)
@@ -118,7 +109,7 @@ class LeanStep:
         dtype = text.norm.weight.dtype  # the activations' (an int8 model's embedding table may be int8)
         if dtype not in HALF_DTYPES or text.norm.weight.device.type != "cpu" or not kernels_loaded():
             return None
-        if _choice() == "native":  # FASTLLAVA_HALF_MATMUL=native: PyTorch's products everywhere
+        if kernel_max_rows(dtype) == 0:  # FASTLLAVA_HALF_MATMUL=native: PyTorch's products everywhere
             return None
         if type(text.norm) is not llama.RMSNorm:
             return None

@@ -70,16 +70,24 @@ def _float(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.float()
 
 
+def kernel_max_rows(weight_dtype: torch.dtype) -> int:
+    """Products with fewer rows than this go to the C++ kernels (given CPU tensors, no autograd and the kernels
+    built); 0 under ``FASTLLAVA_HALF_MATMUL=native``, which keeps PyTorch's ops for every product."""
+    if _choice() == "native":
+        return 0
+    native_half = weight_dtype in HALF_DTYPES and not half_products_in_float32()
+    return NATIVE_HALF_KERNEL_MAX_ROWS if native_half else KERNEL_MAX_ROWS
+
+
 def few_row_kernel_applies(x: torch.Tensor, weight: torch.Tensor, rows: int) -> bool:
     """Whether fastllava's C++ GEMV takes this product: few rows, CPU, no autograd, and the kernels built."""
-    native_half = weight.dtype in HALF_DTYPES and not half_products_in_float32()
-    if rows >= (NATIVE_HALF_KERNEL_MAX_ROWS if native_half else KERNEL_MAX_ROWS):
+    if rows >= kernel_max_rows(weight.dtype):
         return False
     if x.device.type != "cpu" or weight.device.type != "cpu":
         return False
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
         return False  # the kernels have no backward
-    return _choice() != "native" and gemv_kernels_available()
+    return gemv_kernels_available()
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
