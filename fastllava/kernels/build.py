@@ -18,7 +18,8 @@ from pathlib import Path
 
 import torch
 
-SOURCES = ("gemv.cpp", "gemv_avx512.cpp", "resample.cpp", "attention.cpp", "pointwise.cpp")
+SOURCES = ("gemv.cpp", "gemv_avx512.cpp", "resample.cpp", "attention.cpp", "prefill_attention.cpp",
+           "pointwise.cpp")
 HEADERS = ("vector_math.h", "gemv_avx512.h")
 _OPENMP = ["-fopenmp"] if "OpenMP" in torch.__config__.parallel_info() else []
 _FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-std=c++17", "-ffp-contract=off"] + _OPENMP
