@@ -148,9 +148,17 @@ def int4_q8_reference(x, packed, scales, zeros, group, bias=None):
     return out, bound
 
 
+@pytest.fixture
+def avx2_loops(kernels):
+    """The AVX2 integer loops (gemv.cpp), also on a CPU whose AVX-512 VNNI loops would take the call."""
+    previous = kernels.set_avx512(False)
+    yield
+    kernels.set_avx512(previous)
+
+
 @pytest.mark.parametrize("group", [32, 64, 128, 256])
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 6, 7, 8, 16])  # 4-row passes, then 2, then 1
-def test_int4_with_int8_activations(kernels, group, rows):
+def test_int4_with_int8_activations(kernels, avx2_loops, group, rows):
     torch.manual_seed(group * 100 + rows)
     for width in sorted({group, 2 * group, 3 * group, 512, 1024 + group}):  # odd and even numbers of 32-blocks
         weight = torch.randn(37, width) * 0.05
@@ -176,7 +184,7 @@ def test_int4_with_int8_activations(kernels, group, rows):
             assert ((int8_kernel - float_kernel).norm() / float_kernel.norm()).item() < 0.02
 
 
-def test_int4_with_int8_activations_on_leading_dimensions_and_thread_counts(kernels):
+def test_int4_with_int8_activations_on_leading_dimensions_and_thread_counts(kernels, avx2_loops):
     torch.manual_seed(1)
     weight = torch.randn(4099, 256) * 0.05  # thousands of rows: both threads get work
     packed, scales, zeros = quantize_int4(weight, 64, torch.bfloat16)
@@ -192,6 +200,110 @@ def test_int4_with_int8_activations_on_leading_dimensions_and_thread_counts(kern
     assert one.shape == (2, 3, 4099) and torch.equal(one, two)
     want, _ = int4_q8_reference(x.reshape(6, 256), packed, scales, zeros, 64)
     assert_close(one.reshape(6, 4099), want, torch.bfloat16)
+
+
+@pytest.fixture
+def vnni(kernels):
+    """The AVX512-VNNI integer loops (gemv_vnni.cpp): on by default where the CPU has them."""
+    if not (kernels.avx512_vnni_supported() and kernels.avx512_active()):
+        pytest.skip("the VNNI loops need a CPU with AVX512-VNNI and AVX512-BF16")
+
+
+def two_part_step(x: torch.Tensor) -> torch.Tensor:
+    """The VNNI loops' activation rounding (gemv_vnni.cpp): per block of 128 columns x ~= d (hi + lo / 256) with
+    d = max|x| / 127, so each column is off by at most d / 256 (lo's rounding, d / 512, plus its clamp at 127).
+    Returns that bound per column, float64."""
+    blocks = x.float().reshape(x.shape[0], -1, 128).abs().amax(-1, keepdim=True).double() / 127 / 256
+    return blocks.expand(x.shape[0], x.shape[1] // 128, 128).reshape(x.shape)
+
+
+def vnni_inputs(rows: int, width: int, seed: int) -> torch.Tensor:
+    torch.manual_seed(seed)
+    x = torch.randn(rows, width)
+    x[0, :128] = 0  # an all-zero block
+    x[-1, 128:256] *= 100  # a block with a large range (where the width has one)
+    x[-1, 5] = 1e-4  # a tiny value beside ordinary ones
+    return x
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 7, 9])  # 4-row passes, then 2, then 1
+@pytest.mark.parametrize("width", [128, 384, 896])
+def test_int8_vnni_loop(kernels, vnni, rows, width):
+    """bf16 x: int8 weights x two-part int8 activations, within the activation rounding's bound of the float64
+    product (~128x tighter than one int8 part per block) and at most a bf16 ulp from the AVX2 float loop;
+    float32 x stays on the exact float loop."""
+    weight = torch.randn(67, width) * 0.05
+    weight[3] *= 20  # a row with a large scale
+    codes, scales = quantize_int8(weight, torch.bfloat16)
+    dequantized = codes.double() * scales.double()[:, None]
+    bias = torch.randn(67)
+    x = vnni_inputs(rows, width, rows * 10 + width)
+    for xd in (x, x.bfloat16()):
+        got = kernels.gemv_int8(xd, codes, scales, bias)
+        exact = reference(xd, dequantized, bias)
+        bound = two_part_step(xd) @ dequantized.abs().T
+        ulp = {torch.bfloat16: 2 ** -8, torch.float32: 2 ** -20}[xd.dtype]
+        slack = exact.abs() * ulp + 1e-5 * exact.abs().max()
+        assert bool(((got.double() - exact).abs() <= bound + slack).all())
+        if xd.dtype == torch.float32:
+            assert_close(got, exact, torch.float32)
+        previous = kernels.set_avx512(False)
+        try:
+            plain = kernels.gemv_int8(xd, codes, scales, bias)
+        finally:
+            kernels.set_avx512(previous)
+        assert_close(plain, exact, xd.dtype)
+        if xd.dtype == torch.bfloat16:  # both one bf16 rounding of nearly the same float: at most an ulp apart
+            assert torch.allclose(got.float(), plain.float(), rtol=2 ** -7, atol=1e-3)
+
+
+@pytest.mark.parametrize("group", [32, 64, 128, 256])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 6])
+@pytest.mark.parametrize("width", [256, 768])
+def test_int4_vnni_loop(kernels, vnni, group, rows, width):
+    """gemv_int4_q8 on the VNNI loop: two-part activations, so within their bound of the float64 product of the
+    dequantized weights, for float32 and bf16 scales; closer to gemv_int4 (float activations) than the AVX2
+    one-part loop is."""
+    weight = torch.randn(45, width) * 0.05
+    weight[3] += 0.3  # a zero point far from the codes' centre
+    x = vnni_inputs(rows, width, group * 7 + rows + width)
+    bias = torch.randn(45)
+    for scale_dtype in (torch.bfloat16, torch.float32):
+        packed, scales, zeros = quantize_int4(weight, group, scale_dtype)
+        dequantized = dequantize_int4(packed, scales, zeros, torch.float64)
+        codes = unpack_nibbles(packed).double().view(45, width // group, group) - 8
+        centred = (codes * scales.double()[..., None]).reshape(45, width).abs()  # |(q - 8) s| per weight
+        for xd in (x, x.bfloat16()):
+            got = kernels.gemv_int4_q8(xd, packed, scales, zeros, group, bias)
+            exact = reference(xd, dequantized, bias)
+            ulp = {torch.bfloat16: 2 ** -8, torch.float32: 2 ** -20}[xd.dtype]
+            slack = exact.abs() * ulp + 1e-5 * exact.abs().max()
+            assert bool(((got.double() - exact).abs() <= two_part_step(xd) @ centred.T + slack).all())
+        previous = kernels.set_avx512(False)
+        try:
+            one_part = kernels.gemv_int4_q8(x, packed, scales, zeros, group, bias).double()
+        finally:
+            kernels.set_avx512(previous)
+        exact = reference(x, dequantized, bias)
+        two_part = kernels.gemv_int4_q8(x, packed, scales, zeros, group, bias).double()
+        assert (two_part - exact).norm() < (one_part - exact).norm() / 10
+
+
+def test_vnni_loops_do_not_depend_on_the_thread_count(kernels, vnni):
+    torch.manual_seed(3)
+    codes, scales = quantize_int8(torch.randn(4099, 256) * 0.05, torch.bfloat16)
+    packed, s4, z4 = quantize_int4(torch.randn(4099, 256) * 0.05, 64, torch.bfloat16)
+    x = torch.randn(2, 3, 256, dtype=torch.bfloat16)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            results.append((kernels.gemv_int8(x, codes, scales), kernels.gemv_int4_q8(x, packed, s4, z4, 64)))
+    finally:
+        torch.set_num_threads(threads)
+    assert results[0][0].shape == (2, 3, 4099)
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
 
 
 def test_results_do_not_depend_on_the_thread_count(kernels, isa):

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-SOURCES = ("gemv.cpp", "gemv_avx512.cpp", "resample.cpp", "attention.cpp", "prefill_attention.cpp",
+SOURCES = ("gemv.cpp", "gemv_avx512.cpp", "gemv_vnni.cpp", "resample.cpp", "attention.cpp", "prefill_attention.cpp",
            "pointwise.cpp")
 HEADERS = ("vector_math.h", "gemv_avx512.h")
 _OPENMP = ["-fopenmp"] if "OpenMP" in torch.__config__.parallel_info() else []

@@ -296,7 +296,11 @@ at::Tensor gemv_int8(const at::Tensor& x, const at::Tensor& weight, const at::Te
   at::Tensor xf = float_rows(x, K);
   const int64_t M = xf.size(0);
   at::Tensor out = at::empty({M, N}, xf.options());
-  dot_all_rows(Int8Weights{weight.data_ptr<int8_t>(), K}, xf.data_ptr<float>(), M, N, K, out.data_ptr<float>());
+  // bf16/fp16 x: the VNNI loop's two-part rounding is below x's own; float32 x keeps the exact float loop
+  if (x.scalar_type() != at::kFloat && use_avx512.load() && fastllava::avx512_vnni_supported() && K % 128 == 0)
+    fastllava::gemv_int8_vnni(weight.data_ptr<int8_t>(), xf.data_ptr<float>(), M, N, K, out.data_ptr<float>());
+  else
+    dot_all_rows(Int8Weights{weight.data_ptr<int8_t>(), K}, xf.data_ptr<float>(), M, N, K, out.data_ptr<float>());
   out.mul_(scales.to(at::kFloat).reshape({1, N}));
   return finish(out, x, N, bias);
 }
@@ -580,6 +584,15 @@ at::Tensor gemv_int4_q8(const at::Tensor& x, const at::Tensor& qweight, const at
   const int64_t N = shape[0], K = shape[1], groups = shape[2];
   at::Tensor xf = float_rows(x, K);
   const int64_t M = xf.size(0);
+  const bool float_scales = scales.scalar_type() == at::kFloat;
+  if (use_avx512.load() && fastllava::avx512_vnni_supported() && K % 128 == 0 && group <= 256 &&
+      (float_scales || scales.scalar_type() == at::kBFloat16)) {
+    with_group_constant("gemv_int4_q8", group, [](auto) {});  // the same group sizes as the AVX2 loops
+    at::Tensor out = at::empty({M, N}, xf.options());
+    fastllava::gemv_int4_vnni(qweight.data_ptr<uint8_t>(), scales.data_ptr(), zeros.data_ptr(), float_scales, group,
+                              xf.data_ptr<float>(), M, N, K, out.data_ptr<float>());
+    return finish(out, x, N, bias);
+  }
   at::Tensor xq = at::empty({M, K}, xf.options().dtype(at::kChar));
   at::Tensor xd = at::empty({M, 4 * (K / kQ8Block)}, xf.options());
   at::Tensor group_sums = at::zeros({M, groups}, xf.options());
@@ -640,6 +653,7 @@ at::Tensor gemv_int4_meta(const at::Tensor& x, const at::Tensor& qweight, const 
 TORCH_LIBRARY(fastllava, m) {
   m.def("set_avx512(bool enabled) -> bool", &set_avx512);
   m.def("avx512_active() -> bool", &avx512_active);
+  m.def("avx512_vnni_supported() -> bool", &fastllava::avx512_vnni_supported);
   m.def("gemv(Tensor x, Tensor weight, Tensor? bias=None) -> Tensor");
   m.def("gemv_int8(Tensor x, Tensor weight, Tensor scales, Tensor? bias=None) -> Tensor");
   m.def("gemv_int4(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, int group, Tensor? bias=None) -> Tensor");

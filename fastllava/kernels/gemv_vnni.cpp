@@ -1,0 +1,265 @@
+// int8-weight few-row products with AVX512-VNNI integer dot products: y (M, N) = x (M, K) @ (W * scale)^T for
+// int8 W (N, K), float x, on CPUs with AVX512-VNNI (Zen 4, Ice Lake and newer). gemv.cpp calls this when the CPU
+// has it and AVX-512 is switched on (``set_avx512``), else its AVX2 float loop.
+//
+// Why: the AVX2 loop widens 8 codes to floats per FMA (~4 instructions per 8 weights) and is compute-bound at
+// ~15-16 G weights/s on one Zen 4 core, half the ~30 GB/s an int8 weight could stream at. VPDPBUSD multiplies
+// 64 unsigned bytes by 64 signed bytes and adds each 4 products into 16 int32 lanes: one instruction per 64
+// weights and x row.
+//
+// Activations stay as precise as bf16: each x row is split per block of 128 columns into two int8 parts,
+// x ~= d (hi + lo / 256) with d = max|x| / 127, hi = round(x / d), lo = round((x - d hi) 256 / d) (clamped to
+// +-127), so the representation error is <= d / 256 = max|x| / 32512 per block, below bf16's own rounding of any
+// value within 1/64 of its block's largest. The integer sums are exact: lane = 256 dot(w, hi) + dot(w, lo). VPDPBUSD wants unsigned bytes on one side: the weights are read as w + 128 (a xor with 0x80),
+// and 128 * sum(256 hi + lo) d / 256 per row is subtracted at the end (once per call and x row).
+//
+// Compiled with a target pragma like gemv_avx512.cpp: the library still loads on CPUs without AVX-512.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+#include "gemv_avx512.h"
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,bmi2")
+
+namespace {
+
+constexpr int64_t kBlock = 128;
+#ifndef FL_PREFETCH
+#define FL_PREFETCH 2048
+#endif
+constexpr int64_t kPrefetch = FL_PREFETCH;  // columns sharing one activation scale: two 64-weight steps per conversion
+
+// x (M, K) float -> hi, lo (M, K) int8 and d (M, K / 128) = block scale / 256; correction (M):
+// 128 * sum_b d_b / 256 * sum_{k in b} (256 hi_k + lo_k). With `deinterleave` each 128 columns are stored as
+// their 64 even columns, then the 64 odd ones (the int4 codes' nibble order), and per group of `group` columns
+// x_sums (M, K / group) = sum x and q_sums (M, K / group) = d / 256 * sum (256 hi + lo).
+void split_rows(const float* x, int64_t M, int64_t K, int8_t* hi, int8_t* lo, float* scales, float* correction,
+                bool deinterleave = false, int64_t group = 0, float* x_sums = nullptr, float* q_sums = nullptr) {
+  const __m512 limit = _mm512_set1_ps(127.f), negative_limit = _mm512_set1_ps(-127.f);
+  auto round_clamped = [&](__m512 v) {  // round half even, clamped: x * (1 / d) can land a hair past 127
+    return _mm512_min_ps(_mm512_max_ps(_mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC),
+                                       negative_limit), limit);
+  };
+  for (int64_t m = 0; m < M; ++m) {
+    double total = 0.0;
+    for (int64_t b = 0; b < K / kBlock; ++b) {
+      const float* src = x + m * K + b * kBlock;
+      __m512 amax = _mm512_setzero_ps();
+      for (int64_t j = 0; j < kBlock; j += 16) amax = _mm512_max_ps(amax, _mm512_abs_ps(_mm512_loadu_ps(src + j)));
+      const float d = _mm512_reduce_max_ps(amax) / 127.f;
+      int8_t* h = hi + m * K + b * kBlock;
+      int8_t* l = lo + m * K + b * kBlock;
+      int64_t sum = 0;
+      if (d != 0.f && std::isfinite(d)) {
+        const __m512 inv = _mm512_set1_ps(1.f / d), dv = _mm512_set1_ps(d), lo_scale = _mm512_set1_ps(256.f / d);
+        for (int64_t j = 0; j < kBlock; j += 16) {
+          const __m512 v = _mm512_loadu_ps(src + j);
+          const __m512 qh = round_clamped(_mm512_mul_ps(v, inv));
+          const __m512 ql = round_clamped(_mm512_mul_ps(_mm512_fnmadd_ps(qh, dv, v), lo_scale));
+          const __m512i ih = _mm512_cvtps_epi32(qh), il = _mm512_cvtps_epi32(ql);
+          const __m512i both = _mm512_add_epi32(_mm512_slli_epi32(ih, 8), il);
+          sum += _mm512_reduce_add_epi32(both);
+          if (!deinterleave) {
+            _mm_storeu_si128(reinterpret_cast<__m128i*>(h + j), _mm512_cvtsepi32_epi8(ih));
+            _mm_storeu_si128(reinterpret_cast<__m128i*>(l + j), _mm512_cvtsepi32_epi8(il));
+            continue;
+          }
+          alignas(16) int8_t hb[16], lb[16];
+          alignas(64) int32_t wide[16];
+          _mm_store_si128(reinterpret_cast<__m128i*>(hb), _mm512_cvtsepi32_epi8(ih));
+          _mm_store_si128(reinterpret_cast<__m128i*>(lb), _mm512_cvtsepi32_epi8(il));
+          _mm512_store_si512(wide, both);
+          for (int64_t t = 0; t < 16; ++t) {
+            const int64_t column = j + t, at = (column & 1) * (kBlock / 2) + column / 2;
+            h[at] = hb[t], l[at] = lb[t];
+            q_sums[m * (K / group) + (b * kBlock + column) / group] += d / 256.f * static_cast<float>(wide[t]);
+          }
+        }
+      } else if (deinterleave) {
+        std::fill(h, h + kBlock, 0), std::fill(l, l + kBlock, 0);
+      }
+      if (deinterleave)
+        for (int64_t j = 0; j < kBlock; ++j) x_sums[m * (K / group) + (b * kBlock + j) / group] += src[j];
+      scales[m * (K / kBlock) + b] = d / 256.f;
+      total += static_cast<double>(d) / 256.0 * static_cast<double>(sum);
+    }
+    correction[m] = static_cast<float>(128.0 * total);
+  }
+}
+
+// Weight row `row` against x rows [m, m + MR). Per 128 columns and x row: lane = 256 (w+128).hi + (w+128).lo over
+// its 8 columns (|lane| < 2^27), converted once and scaled by the block's d / 256.
+template <int MR>
+inline void int8_row(const int8_t* w, const int8_t* hi, const int8_t* lo, const float* scales, const float* correction,
+                     int64_t K, int64_t row, int64_t m, float* out, int64_t N) {
+  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
+  __m512 total[MR];
+  for (int i = 0; i < MR; ++i) total[i] = _mm512_setzero_ps();
+  const int8_t* wr = w + row * K;
+  for (int64_t k = 0, b = 0; k < K; k += kBlock, ++b) {
+    const __m512i w0 = _mm512_xor_si512(_mm512_loadu_si512(wr + k), flip);
+    const __m512i w1 = _mm512_xor_si512(_mm512_loadu_si512(wr + k + 64), flip);
+    for (int i = 0; i < MR; ++i) {
+      const int64_t base = (m + i) * K + k;
+      __m512i acc = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w0, _mm512_loadu_si512(hi + base));
+      acc = _mm512_dpbusd_epi32(acc, w1, _mm512_loadu_si512(hi + base + 64));
+      acc = _mm512_dpbusd_epi32(_mm512_slli_epi32(acc, 8), w0, _mm512_loadu_si512(lo + base));
+      acc = _mm512_dpbusd_epi32(acc, w1, _mm512_loadu_si512(lo + base + 64));
+      total[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), _mm512_set1_ps(scales[(m + i) * (K / kBlock) + b]), total[i]);
+    }
+  }
+  for (int i = 0; i < MR; ++i) out[(m + i) * N + row] = _mm512_reduce_add_ps(total[i]) - correction[m + i];
+}
+
+inline float to_float(float v) { return v; }
+inline float to_float(at::BFloat16 v) { return static_cast<float>(v); }
+
+// 16 scales or zeros from p as floats, the first n of them (the rest zero).
+inline __m512 load16(const float* p, int64_t n) {
+  return _mm512_maskz_loadu_ps(static_cast<__mmask16>(_bzhi_u32(0xffffu, static_cast<unsigned>(n))), p);
+}
+inline __m512 load16(const at::BFloat16* p, int64_t n) {
+  const __m256i bits = _mm256_maskz_loadu_epi16(static_cast<__mmask16>(_bzhi_u32(0xffffu, static_cast<unsigned>(n))), p);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
+}
+
+// The int4 group scale of each of the 16 lanes of one 128-column chunk: lane i covers columns [8i, 8i + 8).
+template <int64_t group, typename Scale>
+inline __m512 chunk_scales(const Scale* row_scales, int64_t chunk) {
+  if constexpr (group >= kBlock) {
+    return _mm512_set1_ps(to_float(row_scales[chunk * kBlock / group]));
+  } else {
+    constexpr int64_t per_chunk = kBlock / group;  // 2 or 4 groups, 16 / per_chunk lanes each
+    const __m512 first = _mm512_castps128_ps512(_mm_setr_ps(
+        to_float(row_scales[chunk * per_chunk]), to_float(row_scales[chunk * per_chunk + 1]),
+        per_chunk > 2 ? to_float(row_scales[chunk * per_chunk + 2]) : 0.f,
+        per_chunk > 2 ? to_float(row_scales[chunk * per_chunk + 3]) : 0.f));
+    const __m512i index = per_chunk == 2 ? _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1)
+                                         : _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+    return _mm512_permutexvar_ps(index, first);
+  }
+}
+
+// int4 weight row `row` (codes (N, K/2), w = (q - 8) s + z per group) against x rows [m, m + MR):
+// y = sum_g s_g (sum_{k in g} q_k x_k - 8 q_sum_g) + z_g x_sum_g, the first part from integer lanes
+// 256 q.hi + q.lo per 8 columns, scaled per lane by the chunk's d / 256 and the lane's group scale.
+template <int MR, int64_t group, typename Scale>
+inline void int4_row(const uint8_t* codes, const Scale* scales, const Scale* zeros, const int8_t* hi,
+                     const int8_t* lo, const float* d, const float* x_sums, const float* q_sums, int64_t K,
+                     int64_t row, int64_t m, float* out, int64_t N) {
+  const int64_t groups = K / group, chunks = K / kBlock;
+  const uint8_t* rc = codes + row * (K / 2);
+  const Scale* rs = scales + row * groups;
+  const Scale* rz = zeros + row * groups;
+  const __m512i low = _mm512_set1_epi8(15);
+  __m512 total[MR];
+  for (int i = 0; i < MR; ++i) total[i] = _mm512_setzero_ps();
+  for (int64_t c = 0; c < chunks; ++c) {
+    const __m512i bytes = _mm512_loadu_si512(rc + c * (kBlock / 2));
+    const __m512i even = _mm512_and_si512(bytes, low), odd = _mm512_and_si512(_mm512_srli_epi16(bytes, 4), low);
+    const __m512 s = chunk_scales<group>(rs, c);
+    for (int i = 0; i < MR; ++i) {
+      const int64_t base = (m + i) * K + c * kBlock;
+      __m512i acc = _mm512_dpbusd_epi32(_mm512_setzero_si512(), even, _mm512_loadu_si512(hi + base));
+      acc = _mm512_dpbusd_epi32(acc, odd, _mm512_loadu_si512(hi + base + 64));
+      acc = _mm512_dpbusd_epi32(_mm512_slli_epi32(acc, 8), even, _mm512_loadu_si512(lo + base));
+      acc = _mm512_dpbusd_epi32(acc, odd, _mm512_loadu_si512(lo + base + 64));
+      total[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), _mm512_mul_ps(s, _mm512_set1_ps(d[(m + i) * chunks + c])),
+                                 total[i]);
+    }
+  }
+  for (int64_t g = 0; g < groups; g += 16) {  // the -8 and zero parts, 16 groups at a time
+    const int64_t n = std::min<int64_t>(16, groups - g);
+    const __m512 s = load16(rs + g, n), z = load16(rz + g, n);
+    for (int i = 0; i < MR; ++i) {
+      const __m512 qs = _mm512_maskz_loadu_ps(static_cast<__mmask16>(_bzhi_u32(0xffffu, static_cast<unsigned>(n))),
+                                              q_sums + (m + i) * groups + g);
+      const __m512 xs = _mm512_maskz_loadu_ps(static_cast<__mmask16>(_bzhi_u32(0xffffu, static_cast<unsigned>(n))),
+                                              x_sums + (m + i) * groups + g);
+      total[i] = _mm512_fmadd_ps(_mm512_mul_ps(s, _mm512_set1_ps(-8.f)), qs, _mm512_fmadd_ps(z, xs, total[i]));
+    }
+  }
+  for (int i = 0; i < MR; ++i) out[(m + i) * N + row] = _mm512_reduce_add_ps(total[i]);
+}
+
+template <int64_t group, typename Scale>
+void int4_all_rows(const uint8_t* codes, const Scale* scales, const Scale* zeros, const float* x, int64_t M,
+                   int64_t N, int64_t K, float* out) {
+  const int64_t groups = K / group;
+  std::vector<int8_t> hi(static_cast<size_t>(M * K)), lo(static_cast<size_t>(M * K));
+  std::vector<float> d(static_cast<size_t>(M * (K / kBlock))), correction(static_cast<size_t>(M));
+  std::vector<float> x_sums(static_cast<size_t>(M * groups), 0.f), q_sums(static_cast<size_t>(M * groups), 0.f);
+  split_rows(x, M, K, hi.data(), lo.data(), d.data(), correction.data(), true, group, x_sums.data(), q_sums.data());
+  const int64_t grain = std::max<int64_t>(1, (64 << 10) / std::max<int64_t>(1, K / 2));
+  at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      int64_t m = 0;
+      for (; m + 4 <= M; m += 4)
+        int4_row<4, group>(codes, scales, zeros, hi.data(), lo.data(), d.data(), x_sums.data(), q_sums.data(), K, n, m, out, N);
+      for (; m + 2 <= M; m += 2)
+        int4_row<2, group>(codes, scales, zeros, hi.data(), lo.data(), d.data(), x_sums.data(), q_sums.data(), K, n, m, out, N);
+      for (; m < M; ++m)
+        int4_row<1, group>(codes, scales, zeros, hi.data(), lo.data(), d.data(), x_sums.data(), q_sums.data(), K, n, m, out, N);
+    }
+  });
+}
+
+template <typename Scale>
+void int4_dispatch(const uint8_t* codes, const Scale* scales, const Scale* zeros, int64_t group, const float* x,
+                   int64_t M, int64_t N, int64_t K, float* out) {
+  switch (group) {
+    case 32: int4_all_rows<32>(codes, scales, zeros, x, M, N, K, out); break;
+    case 64: int4_all_rows<64>(codes, scales, zeros, x, M, N, K, out); break;
+    case 128: int4_all_rows<128>(codes, scales, zeros, x, M, N, K, out); break;
+    default: int4_all_rows<256>(codes, scales, zeros, x, M, N, K, out); break;
+  }
+}
+
+}  // namespace
+
+#pragma GCC pop_options
+
+namespace fastllava {
+
+bool avx512_vnni_supported() {
+  static const bool supported = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                                __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+                                __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("bmi2");
+  return supported;
+}
+
+void gemv_int8_vnni(const int8_t* weight, const float* x, int64_t M, int64_t N, int64_t K, float* out) {
+  std::vector<int8_t> hi(static_cast<size_t>(M * K)), lo(static_cast<size_t>(M * K));
+  std::vector<float> scales(static_cast<size_t>(M * (K / kBlock))), correction(static_cast<size_t>(M));
+  split_rows(x, M, K, hi.data(), lo.data(), scales.data(), correction.data());
+  // runs of >= 64 KiB of weights per task: a small layer is not worth waking a second thread for
+  const int64_t grain = std::max<int64_t>(1, (64 << 10) / std::max<int64_t>(1, K));
+  at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      int64_t m = 0;
+      for (; m + 4 <= M; m += 4) int8_row<4>(weight, hi.data(), lo.data(), scales.data(), correction.data(), K, n, m, out, N);
+      for (; m + 2 <= M; m += 2) int8_row<2>(weight, hi.data(), lo.data(), scales.data(), correction.data(), K, n, m, out, N);
+      for (; m < M; ++m) int8_row<1>(weight, hi.data(), lo.data(), scales.data(), correction.data(), K, n, m, out, N);
+    }
+  });
+}
+
+void gemv_int4_vnni(const uint8_t* codes, const void* scales, const void* zeros, bool float_scales, int64_t group,
+                    const float* x, int64_t M, int64_t N, int64_t K, float* out) {
+  TORCH_CHECK(group == 32 || group == 64 || group == 128 || group == 256, "gemv_int4_vnni: group size ", group);
+  if (float_scales)
+    int4_dispatch(codes, static_cast<const float*>(scales), static_cast<const float*>(zeros), group, x, M, N, K, out);
+  else
+    int4_dispatch(codes, static_cast<const at::BFloat16*>(scales), static_cast<const at::BFloat16*>(zeros), group, x,
+                  M, N, K, out);
+}
+
+}  // namespace fastllava
