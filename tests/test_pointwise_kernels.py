@@ -145,3 +145,52 @@ def test_joint_product_over_adjacent_weights(kernels, monkeypatch, bias):
     with torch.enable_grad():
         layer.q_proj.weight.requires_grad_(True)
         assert fused_ops.joint_product(layer, names, x) is None  # autograd needs the separate products
+
+
+def _quantized_holder(kind: str) -> Holder:
+    """A Holder whose q/k/v are Int8Linear or Int4Linear layers (128-wide inputs: the VNNI loops' width, where the
+    CPU has them), codes quantized from random weights, plus biases."""
+    from fastllava.quantization import Int4Linear, Int8Linear, quantize_int4, quantize_int8
+
+    holder = Holder(bias=True)
+    layer = holder.model.language_model
+    for name, rows in (("q_proj", 48), ("k_proj", 16), ("v_proj", 16)):
+        weight = torch.randn(rows, 128) * 0.05
+        if kind == "int8":
+            module = Int8Linear(128, rows, bias=True)
+            module.weight, module.scales = quantize_int8(weight, torch.bfloat16)
+        else:
+            module = Int4Linear(128, rows, True, 64)
+            module.qweight, module.scales, module.zeros = quantize_int4(weight, 64, torch.bfloat16)
+        module.bias = torch.randn(rows)
+        module.finish_load()
+        setattr(layer, name, module)
+    holder.lm_head = Linear(128, 10, bias=False).to(torch.bfloat16)
+    return holder
+
+
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+def test_joint_product_over_adjacent_quantized_codes(kernels, monkeypatch, kind):
+    """q/k/v as int8/int4 layers: once their codes lie back to back, one product (scales, zeros and biases
+    concatenated) gives exactly what the layers give one by one; switching a layer's kernel rebuilds it."""
+    monkeypatch.setenv("FASTLLAVA_HUGE_PAGES", "1")
+    torch.manual_seed(1)
+    holder = _quantized_holder(kind)
+    layer = holder.model.language_model
+    names = ("q_proj", "k_proj", "v_proj")
+    x = torch.randn(2, 128, dtype=torch.bfloat16)
+    with torch.no_grad():
+        assert fused_ops.joint_product(layer, names, x) is None  # separate allocations
+        if not move_to_huge_pages(holder):
+            pytest.skip("this machine offers no transparent huge pages (the layout under test)")
+        joint = fused_ops.joint_product(layer, names, x)
+        assert joint is not None and [t.shape[-1] for t in joint] == [48, 16, 16]
+        for got, name in zip(joint, names):
+            assert torch.equal(got, getattr(layer, name)(x))
+        if kind == "int4":  # the float-activation kernel: the cached joint product must follow the switch
+            for name in names:
+                getattr(layer, name).kernel = "gemv"
+            for got, name in zip(fused_ops.joint_product(layer, names, x), names):
+                assert torch.equal(got, getattr(layer, name)(x))
+        layer.k_proj.kernel = "dequant"  # mixed kernels: no joint product
+        assert fused_ops.joint_product(layer, names, x) is None

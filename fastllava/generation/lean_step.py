@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from fastllava.generation.kv_cache import KVCache
 from fastllava.kernels.build import load as kernels_loaded
 from fastllava.models import llama
-from fastllava.models.fused_ops import _joint_weight
+from fastllava.models.fused_ops import joint_operator
 from fastllava.models.half_matmul import HALF_DTYPES, Linear, kernel_max_rows
 from fastllava.models.rope import rotary_cos_sin
 from fastllava.quantization import INT4_DECODE_KERNELS, Int4Linear, Int8Linear
@@ -56,19 +56,16 @@ def _product(layer: torch.nn.Module, dtype: torch.dtype) -> tuple[Product, int]:
 
 
 def _products(owner: torch.nn.Module, names: tuple[str, ...], dtype: torch.dtype) -> tuple[Callable, int]:
-    """The outputs of ``owner``'s layers ``names`` on one input: one product over adjacent half-precision
-    weights when they lie back to back (as ``fused_ops.joint_product`` computes them), else one each."""
+    """The outputs of ``owner``'s layers ``names`` on one input: one product over adjacent weights or codes when
+    they lie back to back (``fused_ops.joint_operator``, as ``joint_product`` computes them), else one each."""
     linears = [getattr(owner, name) for name in names]
-    if all(type(layer) is Linear for layer in linears):
-        joint = _joint_weight(owner, linears)
-        if joint is not None and joint[0].dtype == dtype:
-            weight, bias = joint
-            sizes = [layer.out_features for layer in linears]
-            ops = torch.ops.fastllava
-            return (lambda x: ops.gemv(x, weight, bias).split(sizes, dim=-1)), kernel_max_rows(weight.dtype)
-    bound = [_product(layer, dtype) for layer in linears]
+    bound = [_product(layer, dtype) for layer in linears]  # also rejects what the lean step cannot run
+    max_rows = min(rows for _, rows in bound)
+    joint = joint_operator(owner, linears)
+    if joint is not None:
+        return joint, max_rows
     products = [product for product, _ in bound]
-    return (lambda x: tuple(product(x) for product in products)), min(rows for _, rows in bound)
+    return (lambda x: tuple(product(x) for product in products)), max_rows
 
 
 class _Layer:

@@ -297,11 +297,15 @@ at::Tensor gemv_int8(const at::Tensor& x, const at::Tensor& weight, const at::Te
   const int64_t M = xf.size(0);
   at::Tensor out = at::empty({M, N}, xf.options());
   // bf16/fp16 x: the VNNI loop's two-part rounding is below x's own; float32 x keeps the exact float loop
-  if (x.scalar_type() != at::kFloat && use_avx512.load() && fastllava::avx512_vnni_supported() && K % 128 == 0)
-    fastllava::gemv_int8_vnni(weight.data_ptr<int8_t>(), xf.data_ptr<float>(), M, N, K, out.data_ptr<float>());
-  else
+  const bool float_scales = scales.scalar_type() == at::kFloat;
+  if (x.scalar_type() != at::kFloat && use_avx512.load() && fastllava::avx512_vnni_supported() && K % 128 == 0 &&
+      (float_scales || scales.scalar_type() == at::kBFloat16) && scales.is_contiguous()) {
+    fastllava::gemv_int8_vnni(weight.data_ptr<int8_t>(), scales.data_ptr(), float_scales, xf.data_ptr<float>(), M, N,
+                              K, out.data_ptr<float>());  // scaled in the kernel: no per-call dispatched ops
+  } else {
     dot_all_rows(Int8Weights{weight.data_ptr<int8_t>(), K}, xf.data_ptr<float>(), M, N, K, out.data_ptr<float>());
-  out.mul_(scales.to(at::kFloat).reshape({1, N}));
+    out.mul_(scales.to(at::kFloat).reshape({1, N}));
+  }
   return finish(out, x, N, bias);
 }
 

@@ -99,7 +99,7 @@ void split_rows(const float* x, int64_t M, int64_t K, int8_t* hi, int8_t* lo, fl
 // its 8 columns (|lane| < 2^27), converted once and scaled by the block's d / 256.
 template <int MR>
 inline void int8_row(const int8_t* w, const int8_t* hi, const int8_t* lo, const float* scales, const float* correction,
-                     int64_t K, int64_t row, int64_t m, float* out, int64_t N) {
+                     float row_scale, int64_t K, int64_t row, int64_t m, float* out, int64_t N) {
   const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
   __m512 total[MR];
   for (int i = 0; i < MR; ++i) total[i] = _mm512_setzero_ps();
@@ -116,7 +116,7 @@ inline void int8_row(const int8_t* w, const int8_t* hi, const int8_t* lo, const 
       total[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), _mm512_set1_ps(scales[(m + i) * (K / kBlock) + b]), total[i]);
     }
   }
-  for (int i = 0; i < MR; ++i) out[(m + i) * N + row] = _mm512_reduce_add_ps(total[i]) - correction[m + i];
+  for (int i = 0; i < MR; ++i) out[(m + i) * N + row] = (_mm512_reduce_add_ps(total[i]) - correction[m + i]) * row_scale;
 }
 
 inline float to_float(float v) { return v; }
@@ -236,7 +236,8 @@ bool avx512_vnni_supported() {
   return supported;
 }
 
-void gemv_int8_vnni(const int8_t* weight, const float* x, int64_t M, int64_t N, int64_t K, float* out) {
+void gemv_int8_vnni(const int8_t* weight, const void* row_scales, bool float_scales, const float* x, int64_t M,
+                    int64_t N, int64_t K, float* out) {
   std::vector<int8_t> hi(static_cast<size_t>(M * K)), lo(static_cast<size_t>(M * K));
   std::vector<float> scales(static_cast<size_t>(M * (K / kBlock))), correction(static_cast<size_t>(M));
   split_rows(x, M, K, hi.data(), lo.data(), scales.data(), correction.data());
@@ -244,10 +245,15 @@ void gemv_int8_vnni(const int8_t* weight, const float* x, int64_t M, int64_t N, 
   const int64_t grain = std::max<int64_t>(1, (64 << 10) / std::max<int64_t>(1, K));
   at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) {
+      const float scale = float_scales ? static_cast<const float*>(row_scales)[n]
+                                       : static_cast<float>(static_cast<const at::BFloat16*>(row_scales)[n]);
       int64_t m = 0;
-      for (; m + 4 <= M; m += 4) int8_row<4>(weight, hi.data(), lo.data(), scales.data(), correction.data(), K, n, m, out, N);
-      for (; m + 2 <= M; m += 2) int8_row<2>(weight, hi.data(), lo.data(), scales.data(), correction.data(), K, n, m, out, N);
-      for (; m < M; ++m) int8_row<1>(weight, hi.data(), lo.data(), scales.data(), correction.data(), K, n, m, out, N);
+      for (; m + 4 <= M; m += 4)
+        int8_row<4>(weight, hi.data(), lo.data(), scales.data(), correction.data(), scale, K, n, m, out, N);
+      for (; m + 2 <= M; m += 2)
+        int8_row<2>(weight, hi.data(), lo.data(), scales.data(), correction.data(), scale, K, n, m, out, N);
+      for (; m < M; ++m)
+        int8_row<1>(weight, hi.data(), lo.data(), scales.data(), correction.data(), scale, K, n, m, out, N);
     }
   });
 }
