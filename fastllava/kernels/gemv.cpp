@@ -386,6 +386,17 @@ at::Tensor gemv_int4(const at::Tensor& x, const at::Tensor& qweight, const at::T
   const std::array<int64_t, 3> shape = check_int4("gemv_int4", qweight, scales, zeros, group);
   const int64_t N = shape[0], K = shape[1], groups = shape[2];
   const bool float_scales = scales.scalar_type() == at::kFloat;
+  // bf16/fp16 x with VNNI: two int8 parts per 128 columns, below x's own rounding and faster than the bf16 loop
+  // below (one thread, Zen 4, 896 x 4864 group 64: 0.12 vs 0.20 ms)
+  if (x.scalar_type() != at::kFloat && use_avx512.load() && fastllava::avx512_vnni_supported() && K % 128 == 0 &&
+      group <= 256 && (float_scales || scales.scalar_type() == at::kBFloat16)) {
+    with_group_constant("gemv_int4", group, [](auto) {});
+    at::Tensor xf = float_rows(x, K);
+    at::Tensor out = at::empty({xf.size(0), N}, xf.options());
+    fastllava::gemv_int4_vnni(qweight.data_ptr<uint8_t>(), scales.data_ptr(), zeros.data_ptr(), float_scales, group,
+                              2, xf.data_ptr<float>(), xf.size(0), N, K, out.data_ptr<float>());
+    return finish(out, x, N, bias);
+  }
   if (x.scalar_type() == at::kBFloat16 && use_avx512.load() && K % 64 == 0 &&
       (float_scales || scales.scalar_type() == at::kBFloat16) && group <= 256) {
     TORCH_CHECK(x.device().is_cpu() && x.size(-1) == K, "gemv_int4: input width ", x.size(-1),
@@ -594,7 +605,7 @@ at::Tensor gemv_int4_q8(const at::Tensor& x, const at::Tensor& qweight, const at
     with_group_constant("gemv_int4_q8", group, [](auto) {});  // the same group sizes as the AVX2 loops
     at::Tensor out = at::empty({M, N}, xf.options());
     fastllava::gemv_int4_vnni(qweight.data_ptr<uint8_t>(), scales.data_ptr(), zeros.data_ptr(), float_scales, group,
-                              xf.data_ptr<float>(), M, N, K, out.data_ptr<float>());
+                              1, xf.data_ptr<float>(), M, N, K, out.data_ptr<float>());
     return finish(out, x, N, bias);
   }
   at::Tensor xq = at::empty({M, K}, xf.options().dtype(at::kChar));

@@ -27,8 +27,9 @@ void gemv_int8_vnni(const int8_t* weight, const void* scales, bool float_scales,
                     int64_t K, float* out);
 
 // out (M, N) float32 = x (M, K) float32 @ int4 weights^T (gemv.cpp's layout and formula), K a multiple of 128,
-// group 32/64/128/256, scales/zeros float32 (float_scales) or bf16; x as two int8 parts per 128 columns.
+// group 32/64/128/256, scales/zeros float32 (float_scales) or bf16. parts 1: x rounded to int8 per 32 columns
+// exactly as gemv_int4_q8's AVX2 loop does; parts 2: x as two int8 parts per 128 columns (below bf16 rounding).
 void gemv_int4_vnni(const uint8_t* codes, const void* scales, const void* zeros, bool float_scales, int64_t group,
-                    const float* x, int64_t M, int64_t N, int64_t K, float* out);
+                    int parts, const float* x, int64_t M, int64_t N, int64_t K, float* out);
 
 }  // namespace fastllava

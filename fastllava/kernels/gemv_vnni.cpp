@@ -72,27 +72,63 @@ void split_rows(const float* x, int64_t M, int64_t K, int8_t* hi, int8_t* lo, fl
             _mm_storeu_si128(reinterpret_cast<__m128i*>(l + j), _mm512_cvtsepi32_epi8(il));
             continue;
           }
-          alignas(16) int8_t hb[16], lb[16];
-          alignas(64) int32_t wide[16];
-          _mm_store_si128(reinterpret_cast<__m128i*>(hb), _mm512_cvtsepi32_epi8(ih));
-          _mm_store_si128(reinterpret_cast<__m128i*>(lb), _mm512_cvtsepi32_epi8(il));
-          _mm512_store_si512(wide, both);
-          for (int64_t t = 0; t < 16; ++t) {
-            const int64_t column = j + t, at = (column & 1) * (kBlock / 2) + column / 2;
-            h[at] = hb[t], l[at] = lb[t];
-            q_sums[m * (K / group) + (b * kBlock + column) / group] += d / 256.f * static_cast<float>(wide[t]);
-          }
+          // 16 columns j..j+15 (one group: groups are multiples of 32) -> 8 even ones at h + j/2, 8 odd ones at
+          // h + 64 + j/2; one shuffle puts the even bytes in the low half, the odd ones in the high half
+          const __m128i order = _mm_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
+          const __m128i hs = _mm_shuffle_epi8(_mm512_cvtsepi32_epi8(ih), order);
+          const __m128i ls = _mm_shuffle_epi8(_mm512_cvtsepi32_epi8(il), order);
+          _mm_storel_epi64(reinterpret_cast<__m128i*>(h + j / 2), hs);
+          _mm_storel_epi64(reinterpret_cast<__m128i*>(h + kBlock / 2 + j / 2), _mm_unpackhi_epi64(hs, hs));
+          _mm_storel_epi64(reinterpret_cast<__m128i*>(l + j / 2), ls);
+          _mm_storel_epi64(reinterpret_cast<__m128i*>(l + kBlock / 2 + j / 2), _mm_unpackhi_epi64(ls, ls));
+          q_sums[m * (K / group) + (b * kBlock + j) / group] +=
+              d / 256.f * static_cast<float>(_mm512_reduce_add_epi32(both));
         }
-      } else if (deinterleave) {
+      } else {  // an all-zero (or non-finite) block: zero codes, d = 0
         std::fill(h, h + kBlock, 0), std::fill(l, l + kBlock, 0);
       }
       if (deinterleave)
-        for (int64_t j = 0; j < kBlock; ++j) x_sums[m * (K / group) + (b * kBlock + j) / group] += src[j];
+        for (int64_t j = 0; j < kBlock; j += 16)
+          x_sums[m * (K / group) + (b * kBlock + j) / group] += _mm512_reduce_add_ps(_mm512_loadu_ps(src + j));
       scales[m * (K / kBlock) + b] = d / 256.f;
       total += static_cast<double>(d) / 256.0 * static_cast<double>(sum);
     }
     correction[m] = static_cast<float>(128.0 * total);
   }
+}
+
+// One int8 part per block of 32 columns, the rounding of gemv.cpp's AVX2 int4 loop (quantize_q8_rows): d = max|x| /
+// 127, q = round-half-even(x / d) (a true division, as there), 0 for an all-zero block. Stored per 128 columns as
+// [64 even | 64 odd] columns; d16 (M, K / 128, 16): lane i's block d (lane i covers columns [8i, 8i + 8): block
+// i / 4); x_sums and q_sums (M, K / group): sum x and sum d q per group.
+void quantize_one_part(const float* x, int64_t M, int64_t K, int64_t group, int8_t* q, float* d16, float* x_sums,
+                       float* q_sums) {
+  const __m128i order = _mm_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t b = 0; b < K / 32; ++b) {
+      const float* src = x + m * K + b * 32;
+      const __m512 v[2] = {_mm512_loadu_ps(src), _mm512_loadu_ps(src + 16)};
+      const float d = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v[0]), _mm512_abs_ps(v[1]))) / 127.f;
+      const int64_t chunk = b / 4, within = (b % 4) * 32;  // the block's first column within its 128
+      int8_t* dst = q + m * K + chunk * kBlock;
+      int64_t sum = 0;
+      for (int half = 0; half < 2; ++half) {
+        __m512i qi = _mm512_setzero_si512();
+        if (d != 0.f) {
+          qi = _mm512_cvtps_epi32(_mm512_roundscale_ps(_mm512_div_ps(v[half], _mm512_set1_ps(d)),
+                                                       _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+          sum += _mm512_reduce_add_epi32(qi);
+        }
+        const __m128i bytes = _mm_shuffle_epi8(_mm512_cvtsepi32_epi8(qi), order);  // [8 even | 8 odd]
+        const int64_t j = within + 16 * half;
+        _mm_storel_epi64(reinterpret_cast<__m128i*>(dst + j / 2), bytes);
+        _mm_storel_epi64(reinterpret_cast<__m128i*>(dst + kBlock / 2 + j / 2), _mm_unpackhi_epi64(bytes, bytes));
+        x_sums[m * (K / group) + (b * 32 + 16 * half) / group] += _mm512_reduce_add_ps(v[half]);
+      }
+      q_sums[m * (K / group) + b * 32 / group] += d * static_cast<float>(sum);
+      float* lanes = d16 + (m * (K / kBlock) + chunk) * 16 + (b % 4) * 4;
+      for (int t = 0; t < 4; ++t) lanes[t] = d;
+    }
 }
 
 // Weight row `row` against x rows [m, m + MR). Per 128 columns and x row: lane = 256 (w+128).hi + (w+128).lo over
@@ -131,27 +167,29 @@ inline __m512 load16(const at::BFloat16* p, int64_t n) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
 }
 
-// The int4 group scale of each of the 16 lanes of one 128-column chunk: lane i covers columns [8i, 8i + 8).
+// The int4 group scale of each of the 16 lanes of one 128-column chunk (lane i covers columns [8i, 8i + 8)).
+// Groups of 128 and more: one scale. Smaller groups: the scales of 16 groups are loaded once as a vector
+// (`window`, refreshed every 16 groups) and each chunk takes its 2 or 4 of them with one permute.
 template <int64_t group, typename Scale>
-inline __m512 chunk_scales(const Scale* row_scales, int64_t chunk) {
+inline __m512 chunk_scales(const Scale* row_scales, int64_t groups, int64_t chunk, __m512& window) {
   if constexpr (group >= kBlock) {
     return _mm512_set1_ps(to_float(row_scales[chunk * kBlock / group]));
   } else {
-    constexpr int64_t per_chunk = kBlock / group;  // 2 or 4 groups, 16 / per_chunk lanes each
-    const __m512 first = _mm512_castps128_ps512(_mm_setr_ps(
-        to_float(row_scales[chunk * per_chunk]), to_float(row_scales[chunk * per_chunk + 1]),
-        per_chunk > 2 ? to_float(row_scales[chunk * per_chunk + 2]) : 0.f,
-        per_chunk > 2 ? to_float(row_scales[chunk * per_chunk + 3]) : 0.f));
+    constexpr int64_t per_chunk = kBlock / group, chunks_per_window = 16 / per_chunk;
+    const int64_t slot = chunk % chunks_per_window;
+    if (slot == 0)
+      window = load16(row_scales + chunk * per_chunk, std::min<int64_t>(16, groups - chunk * per_chunk));
     const __m512i index = per_chunk == 2 ? _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1)
                                          : _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
-    return _mm512_permutexvar_ps(index, first);
+    return _mm512_permutexvar_ps(_mm512_add_epi32(index, _mm512_set1_epi32(static_cast<int>(slot * per_chunk))), window);
   }
 }
 
 // int4 weight row `row` (codes (N, K/2), w = (q - 8) s + z per group) against x rows [m, m + MR):
-// y = sum_g s_g (sum_{k in g} q_k x_k - 8 q_sum_g) + z_g x_sum_g, the first part from integer lanes
-// 256 q.hi + q.lo per 8 columns, scaled per lane by the chunk's d / 256 and the lane's group scale.
-template <int MR, int64_t group, typename Scale>
+// y = sum_g s_g (sum_{k in g} q_k x_k - 8 q_sum_g) + z_g x_sum_g, the first part from integer lanes per 8
+// columns: Parts 2, 256 q.hi + q.lo scaled by the chunk's d / 256; Parts 1, q.x8 scaled by the lane's block d
+// (d16); both times the lane's group scale.
+template <int Parts, int MR, int64_t group, typename Scale>
 inline void int4_row(const uint8_t* codes, const Scale* scales, const Scale* zeros, const int8_t* hi,
                      const int8_t* lo, const float* d, const float* x_sums, const float* q_sums, int64_t K,
                      int64_t row, int64_t m, float* out, int64_t N) {
@@ -162,18 +200,24 @@ inline void int4_row(const uint8_t* codes, const Scale* scales, const Scale* zer
   const __m512i low = _mm512_set1_epi8(15);
   __m512 total[MR];
   for (int i = 0; i < MR; ++i) total[i] = _mm512_setzero_ps();
+  __m512 window = _mm512_setzero_ps();
   for (int64_t c = 0; c < chunks; ++c) {
     const __m512i bytes = _mm512_loadu_si512(rc + c * (kBlock / 2));
     const __m512i even = _mm512_and_si512(bytes, low), odd = _mm512_and_si512(_mm512_srli_epi16(bytes, 4), low);
-    const __m512 s = chunk_scales<group>(rs, c);
+    const __m512 s = chunk_scales<group>(rs, groups, c, window);
     for (int i = 0; i < MR; ++i) {
       const int64_t base = (m + i) * K + c * kBlock;
       __m512i acc = _mm512_dpbusd_epi32(_mm512_setzero_si512(), even, _mm512_loadu_si512(hi + base));
       acc = _mm512_dpbusd_epi32(acc, odd, _mm512_loadu_si512(hi + base + 64));
-      acc = _mm512_dpbusd_epi32(_mm512_slli_epi32(acc, 8), even, _mm512_loadu_si512(lo + base));
-      acc = _mm512_dpbusd_epi32(acc, odd, _mm512_loadu_si512(lo + base + 64));
-      total[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), _mm512_mul_ps(s, _mm512_set1_ps(d[(m + i) * chunks + c])),
-                                 total[i]);
+      __m512 lane_d;
+      if constexpr (Parts == 2) {
+        acc = _mm512_dpbusd_epi32(_mm512_slli_epi32(acc, 8), even, _mm512_loadu_si512(lo + base));
+        acc = _mm512_dpbusd_epi32(acc, odd, _mm512_loadu_si512(lo + base + 64));
+        lane_d = _mm512_set1_ps(d[(m + i) * chunks + c]);
+      } else {
+        lane_d = _mm512_loadu_ps(d + ((m + i) * chunks + c) * 16);
+      }
+      total[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), _mm512_mul_ps(s, lane_d), total[i]);
     }
   }
   for (int64_t g = 0; g < groups; g += 16) {  // the -8 and zero parts, 16 groups at a time
@@ -190,37 +234,52 @@ inline void int4_row(const uint8_t* codes, const Scale* scales, const Scale* zer
   for (int i = 0; i < MR; ++i) out[(m + i) * N + row] = _mm512_reduce_add_ps(total[i]);
 }
 
-template <int64_t group, typename Scale>
+template <int Parts, int64_t group, typename Scale>
 void int4_all_rows(const uint8_t* codes, const Scale* scales, const Scale* zeros, const float* x, int64_t M,
                    int64_t N, int64_t K, float* out) {
   const int64_t groups = K / group;
-  std::vector<int8_t> hi(static_cast<size_t>(M * K)), lo(static_cast<size_t>(M * K));
-  std::vector<float> d(static_cast<size_t>(M * (K / kBlock))), correction(static_cast<size_t>(M));
+  std::vector<int8_t> hi(static_cast<size_t>(M * K)), lo(Parts == 2 ? static_cast<size_t>(M * K) : 0);
+  std::vector<float> d(static_cast<size_t>(M * (K / kBlock) * (Parts == 2 ? 1 : 16)));
   std::vector<float> x_sums(static_cast<size_t>(M * groups), 0.f), q_sums(static_cast<size_t>(M * groups), 0.f);
-  split_rows(x, M, K, hi.data(), lo.data(), d.data(), correction.data(), true, group, x_sums.data(), q_sums.data());
+  if constexpr (Parts == 2) {
+    std::vector<float> correction(static_cast<size_t>(M));  // the int8 loop's; unused here
+    split_rows(x, M, K, hi.data(), lo.data(), d.data(), correction.data(), true, group, x_sums.data(), q_sums.data());
+  } else {
+    quantize_one_part(x, M, K, group, hi.data(), d.data(), x_sums.data(), q_sums.data());
+  }
   const int64_t grain = std::max<int64_t>(1, (64 << 10) / std::max<int64_t>(1, K / 2));
   at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) {
       int64_t m = 0;
       for (; m + 4 <= M; m += 4)
-        int4_row<4, group>(codes, scales, zeros, hi.data(), lo.data(), d.data(), x_sums.data(), q_sums.data(), K, n, m, out, N);
+        int4_row<Parts, 4, group>(codes, scales, zeros, hi.data(), lo.data(), d.data(), x_sums.data(), q_sums.data(),
+                                  K, n, m, out, N);
       for (; m + 2 <= M; m += 2)
-        int4_row<2, group>(codes, scales, zeros, hi.data(), lo.data(), d.data(), x_sums.data(), q_sums.data(), K, n, m, out, N);
+        int4_row<Parts, 2, group>(codes, scales, zeros, hi.data(), lo.data(), d.data(), x_sums.data(), q_sums.data(),
+                                  K, n, m, out, N);
       for (; m < M; ++m)
-        int4_row<1, group>(codes, scales, zeros, hi.data(), lo.data(), d.data(), x_sums.data(), q_sums.data(), K, n, m, out, N);
+        int4_row<Parts, 1, group>(codes, scales, zeros, hi.data(), lo.data(), d.data(), x_sums.data(), q_sums.data(),
+                                  K, n, m, out, N);
     }
   });
 }
 
-template <typename Scale>
+template <int Parts, typename Scale>
 void int4_dispatch(const uint8_t* codes, const Scale* scales, const Scale* zeros, int64_t group, const float* x,
                    int64_t M, int64_t N, int64_t K, float* out) {
   switch (group) {
-    case 32: int4_all_rows<32>(codes, scales, zeros, x, M, N, K, out); break;
-    case 64: int4_all_rows<64>(codes, scales, zeros, x, M, N, K, out); break;
-    case 128: int4_all_rows<128>(codes, scales, zeros, x, M, N, K, out); break;
-    default: int4_all_rows<256>(codes, scales, zeros, x, M, N, K, out); break;
+    case 32: int4_all_rows<Parts, 32>(codes, scales, zeros, x, M, N, K, out); break;
+    case 64: int4_all_rows<Parts, 64>(codes, scales, zeros, x, M, N, K, out); break;
+    case 128: int4_all_rows<Parts, 128>(codes, scales, zeros, x, M, N, K, out); break;
+    default: int4_all_rows<Parts, 256>(codes, scales, zeros, x, M, N, K, out); break;
   }
+}
+
+template <typename Scale>
+void int4_parts(int parts, const uint8_t* codes, const Scale* scales, const Scale* zeros, int64_t group,
+                const float* x, int64_t M, int64_t N, int64_t K, float* out) {
+  if (parts == 2) int4_dispatch<2>(codes, scales, zeros, group, x, M, N, K, out);
+  else int4_dispatch<1>(codes, scales, zeros, group, x, M, N, K, out);
 }
 
 }  // namespace
@@ -259,13 +318,15 @@ void gemv_int8_vnni(const int8_t* weight, const void* row_scales, bool float_sca
 }
 
 void gemv_int4_vnni(const uint8_t* codes, const void* scales, const void* zeros, bool float_scales, int64_t group,
-                    const float* x, int64_t M, int64_t N, int64_t K, float* out) {
+                    int parts, const float* x, int64_t M, int64_t N, int64_t K, float* out) {
   TORCH_CHECK(group == 32 || group == 64 || group == 128 || group == 256, "gemv_int4_vnni: group size ", group);
+  TORCH_CHECK(parts == 1 || parts == 2, "gemv_int4_vnni: parts must be 1 or 2");
   if (float_scales)
-    int4_dispatch(codes, static_cast<const float*>(scales), static_cast<const float*>(zeros), group, x, M, N, K, out);
+    int4_parts(parts, codes, static_cast<const float*>(scales), static_cast<const float*>(zeros), group, x, M, N, K,
+               out);
   else
-    int4_dispatch(codes, static_cast<const at::BFloat16*>(scales), static_cast<const at::BFloat16*>(zeros), group, x,
-                  M, N, K, out);
+    int4_parts(parts, codes, static_cast<const at::BFloat16*>(scales), static_cast<const at::BFloat16*>(zeros), group,
+               x, M, N, K, out);
 }
 
 }  // namespace fastllava
