@@ -194,3 +194,44 @@ def test_joint_product_over_adjacent_quantized_codes(kernels, monkeypatch, kind)
                 assert torch.equal(got, getattr(layer, name)(x))
         layer.k_proj.kernel = "dequant"  # mixed kernels: no joint product
         assert fused_ops.joint_product(layer, names, x) is None
+
+
+def test_argmax_last_matches_torch(kernels):
+    """First index of the maximum, NaN counting as largest, ties and infinities, rows of any length and stride."""
+    from fastllava.generation.sampling import greedy_tokens
+
+    torch.manual_seed(5)
+    for width in (1, 7, 8, 9, 64, 151936):
+        scores = torch.randn(3, width)
+        assert torch.equal(kernels.argmax_last(scores), scores.argmax(-1))
+    tied = torch.zeros(2, 37)
+    tied[0, [5, 20]] = 3.0  # two maxima: the first wins
+    tied[1] = float("-inf")  # all -inf: index 0
+    special = torch.randn(4, 50)
+    special[0, 30], special[0, 10] = float("nan"), float("inf")  # NaN beats +inf
+    special[1, 45] = float("nan")  # a NaN in the scalar tail
+    special[2, [3, 4]] = float("inf")
+    special[3, 49] = 100.0  # the maximum in the tail
+    for scores in (tied, special, torch.randn(5, 40)[:, ::2]):
+        assert torch.equal(kernels.argmax_last(scores), scores.argmax(-1))
+        assert torch.equal(greedy_tokens(scores), scores.argmax(-1))
+    assert torch.equal(greedy_tokens(special.double()), special.double().argmax(-1))  # other dtypes: torch's
+    with pytest.raises(RuntimeError, match="2-D float32"):
+        kernels.argmax_last(torch.randn(5))
+    with pytest.raises(RuntimeError, match="empty rows"):
+        kernels.argmax_last(torch.randn(2, 0))
+
+
+def test_cache_write(kernels):
+    keys, values = torch.zeros(2, 3, 10, 8, dtype=torch.bfloat16), torch.zeros(2, 3, 10, 8, dtype=torch.bfloat16)
+    k = torch.randn(2, 3, 2, 8, dtype=torch.bfloat16)
+    v = torch.randn(2, 3, 2, 8, dtype=torch.bfloat16)
+    want_k, want_v = keys.clone(), values.clone()
+    want_k.index_copy_(2, torch.tensor([4, 5]), k)
+    want_v.index_copy_(2, torch.tensor([4, 5]), v)
+    kernels.cache_write_(keys, values, k, v, 4)
+    assert torch.equal(keys, want_k) and torch.equal(values, want_v)
+    with pytest.raises(RuntimeError, match="outside the cache"):
+        kernels.cache_write_(keys, values, k, v, 9)
+    with pytest.raises(RuntimeError, match="do not fit"):
+        kernels.cache_write_(keys, values, k[:, :2], v[:, :2], 0)

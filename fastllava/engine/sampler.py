@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from fastllava.engine.types import SamplingParams, TokenLogprob
-from fastllava.generation.sampling import SamplingSettings, choose_tokens, process_scores
+from fastllava.generation.sampling import SamplingSettings, choose_tokens, greedy_tokens, process_scores
 
 
 def settings_for(params: SamplingParams, stop_ids: list[int]) -> SamplingSettings:
@@ -63,7 +63,7 @@ class Sampler:
         tokens: list[int | None] = [None] * len(rows)
         greedy = [i for i, row in enumerate(rows) if row.plain_greedy]
         if greedy:
-            picked = logits[greedy].argmax(dim=-1).tolist()
+            picked = greedy_tokens(logits[greedy]).tolist()
             for i, token in zip(greedy, picked):
                 tokens[i] = token
         for i, row in enumerate(rows):

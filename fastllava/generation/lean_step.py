@@ -131,6 +131,7 @@ class LeanStep:
         masks = self.text.layer_masks(slot, cache.valid[:, :kv_len])  # (B, 1, 1, S) per layer
         valid = [mask.reshape(mask.shape[0], mask.shape[-1]).expand(batch, kv_len) for mask in masks]
         keys, values = cache.keys, cache.values
+        position = int(slot[0])  # the cache slot this step writes (one per step: slot is (1,))
         silu_kernel = llama.SILU_MUL_KERNEL_FASTER
         for layer in self.layers:
             q, k, v = layer.qkv(ops.rms_norm(x, layer.input_norm, layer.input_eps))
@@ -140,8 +141,7 @@ class LeanStep:
             ops.rotary_(q, cos, sin)
             ops.rotary_(k, cos, sin)
             layer_keys, layer_values = keys[layer.index], values[layer.index]
-            layer_keys.index_copy_(2, slot, k)
-            layer_values.index_copy_(2, slot, v)
+            ops.cache_write_(layer_keys, layer_values, k, v, position)
             out = ops.decode_attention(q.reshape(batch, layer.heads, layer.head_dim), layer_keys[:, :, :kv_len],
                                        layer_values[:, :, :kv_len], valid[layer.index], layer.head_dim ** -0.5)
             x = x + layer.o_proj(out.reshape(batch, 1, layer.heads * layer.head_dim))

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from fastllava.kernels.build import load as kernels_loaded
+
 
 @dataclass
 class SamplingSettings:
@@ -76,6 +78,15 @@ def process_scores(scores: torch.Tensor, history: torch.Tensor, new_tokens: int,
 def choose_tokens(scores: torch.Tensor, settings: SamplingSettings, generator: torch.Generator | None) -> torch.Tensor:
     """(B,) next tokens: argmax, or a draw from softmax(scores)."""
     if not settings.do_sample:
-        return scores.argmax(dim=-1)
+        return greedy_tokens(scores)
     probs = scores.softmax(dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+
+def greedy_tokens(scores: torch.Tensor) -> torch.Tensor:
+    """scores.argmax(dim=-1) (first index of the maximum, NaN counting as largest), through fastllava's C++ pass
+    for float32 CPU rows: torch's took 131 us over a 151936-word vocabulary on one Zen 4 core, ~1% of a decode
+    step of a 0.5B model."""
+    if scores.dim() == 2 and scores.dtype == torch.float32 and scores.device.type == "cpu" and kernels_loaded():
+        return torch.ops.fastllava.argmax_last(scores)
+    return scores.argmax(dim=-1)

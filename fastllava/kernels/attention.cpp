@@ -344,15 +344,45 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
     TORCH_CHECK(t->device().is_cpu(), "fastllava decode_attention: tensors must be on the CPU, got ", t->device());
   TORCH_CHECK(!valid.has_value() || valid->device().is_cpu(), "fastllava decode_attention: valid must be on the CPU");
   const auto [B, H, Hkv, S, D] = check_inputs(q, k, v, valid);
-  at::Tensor qf = q.to(at::kFloat).mul(scale).contiguous();  // (B, H, D), scaled once
-  at::Tensor out = at::empty({B, H, D}, q.options().dtype(at::kFloat));
-  if (B * H * D == 0) return out.to(q.scalar_type());
+  // q as float32 (B, H, D), scaled once: float(q) * float(scale), what q.to(float).mul(scale) computes, without
+  // the dispatched ops (this runs once per layer and token)
+  at::Tensor qf = at::empty({B, H, D}, q.options().dtype(at::kFloat));
+  at::Tensor result = at::empty({B, H, D}, q.options());
+  if (B * H * D == 0) return result;
+  float* qd = qf.data_ptr<float>();
+  const float scale_f = static_cast<float>(scale);
+  auto convert_q = [&](auto tag) {
+    using T = decltype(tag);
+    const T* src = q.data_ptr<T>();
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t h = 0; h < H; ++h)
+        for (int64_t d = 0; d < D; ++d)
+          qd[(b * H + h) * D + d] =
+              static_cast<float>(src[b * q.stride(0) + h * q.stride(1) + d * q.stride(2)]) * scale_f;
+  };
+  switch (q.scalar_type()) {
+    case at::kFloat: convert_q(float{}); break;
+    case at::kBFloat16: convert_q(at::BFloat16{}); break;
+    default: convert_q(at::Half{}); break;
+  }
+  at::Tensor out = q.scalar_type() == at::kFloat ? result : at::empty({B, H, D}, q.options().dtype(at::kFloat));
   switch (k.scalar_type()) {
     case at::kFloat: run<float>(qf, k, v, valid, out, B, H, Hkv, S, D); break;
     case at::kBFloat16: run<at::BFloat16>(qf, k, v, valid, out, B, H, Hkv, S, D); break;
     default: run<at::Half>(qf, k, v, valid, out, B, H, Hkv, S, D); break;
   }
-  return out.to(q.scalar_type());  // one rounding to q's dtype (a no-op for float32)
+  if (q.scalar_type() != at::kFloat) {  // one rounding to q's dtype, round to nearest even as c10 converts
+    const float* src = out.data_ptr<float>();
+    const int64_t n = B * H * D;
+    if (q.scalar_type() == at::kBFloat16) {
+      auto* dst = result.data_ptr<at::BFloat16>();
+      for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<at::BFloat16>(src[i]);
+    } else {
+      auto* dst = result.data_ptr<at::Half>();
+      for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<at::Half>(src[i]);
+    }
+  }
+  return result;
 }
 
 at::Tensor decode_attention_meta(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
