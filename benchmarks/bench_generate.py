@@ -20,6 +20,12 @@ generates, records its peak RSS (VmHWM), frees the model and measures the read b
     python benchmarks/bench_generate.py [--new-tokens 64] [--batches 1 8] [--repeats 2]
     python benchmarks/bench_generate.py --arch llava-1.5-7b --threads 1 --new-tokens 32 --repeats 1
 
+llava-1.5-7b, 2026-12-05 (session 7, with the prefill attention kernel), ``--arch llava-1.5-7b --threads 1 --batches 1
+--repeats 1``, separate processes, quiet: 128 new tokens: TTFT 40.4 vs 43.4 s (0.931x), decode 1.81 vs 0.589 tok/s
+(3.07x), 23.9 GB/s = 0.987 of the 24.2 GB/s probe in fastllava's process (transformers 7.8 GB/s, 0.23 of 34.2 in
+its own), peak RSS 13.63 vs 13.85 GiB (0.984x), load 20.2 vs 0.9 s; 32 new tokens: TTFT 41.0 vs 44.5 s (0.923x),
+decode 1.74 vs 0.60 tok/s (2.88x), 0.872 of 26.4 GB/s, peak RSS 13.67 vs 13.84 GiB. The random checkpoint took 109 s.
+
 llava-interleave-qwen-0.5b, 2026-12-05 (session 7), same Zen 4 machine, ``--threads 1 --batches 1 --new-tokens 128
 --repeats 1``, quiet (load ~1). Before the prefill attention kernel: TTFT 7.18 vs 7.24 s (0.992x), decode 23.35 vs 6.01
 tok/s (3.89x), 0.789 of a 27.5 GB/s probe. With fastllava/kernels/prefill_attention.cpp (AVX512-BF16 flash-style
