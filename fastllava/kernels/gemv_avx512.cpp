@@ -1,8 +1,9 @@
 // AVX-512 BF16 few-row products: y (M, N) = x (M, K) @ W^T for bf16 x and bf16 or int4 W, float32 results, on
 // CPUs with AVX512-BF16 (Zen 4, Sapphire Rapids and newer). gemv.cpp calls these when the CPU has the instructions
-// and they are switched on (``set_avx512``), else its AVX2 loops. int8 weights stay on the AVX2 loop: the same
-// nibble-to-bf16 trick as int4 ran at 0.77x of it (12.5 vs 16.2 G weights/s interleaved on a loaded Zen 4;
-// each zmm op is two 256-bit halves there, so only instructions that do more work per op pay).
+// and they are switched on (``set_avx512``), else its AVX2 loops. int8 weights do not come here: the same
+// nibble-to-bf16 trick as int4 ran at 0.77x of the AVX2 loop (12.5 vs 16.2 G weights/s interleaved on a loaded
+// Zen 4; each zmm op is two 256-bit halves there, so only instructions that do more work per op pay); integer dot
+// products do (gemv_vnni.cpp, which now also takes int4 with bf16 activations where the CPU has VNNI).
 //
 // Why: with AVX2 each 8 bf16 weights cost a widening load, a shift and an FMA; the AVX2 GEMV streamed a 311 MB
 // weight at 21 GB/s on a core that reads 27.5 GB/s (measured, one thread, Zen 4 EPYC). VDPBF16PS multiplies 32

@@ -1,17 +1,31 @@
-// int8-weight few-row products with AVX512-VNNI integer dot products: y (M, N) = x (M, K) @ (W * scale)^T for
-// int8 W (N, K), float x, on CPUs with AVX512-VNNI (Zen 4, Ice Lake and newer). gemv.cpp calls this when the CPU
-// has it and AVX-512 is switched on (``set_avx512``), else its AVX2 float loop.
+// int8 and int4 few-row products with AVX512-VNNI integer dot products, on CPUs with AVX512-VNNI (Zen 4, Ice Lake
+// and newer): y (M, N) = x (M, K) @ W^T for int8 W (N, K) with per-row scales, or for int4 W in gemv.cpp's layout
+// (codes (N, K/2), w = (q - 8) s + z per group), float x. gemv.cpp calls these when the CPU has VNNI, AVX-512 is
+// switched on (``set_avx512``) and K is a multiple of 128; else its AVX2 loops.
 //
-// Why: the AVX2 loop widens 8 codes to floats per FMA (~4 instructions per 8 weights) and is compute-bound at
-// ~15-16 G weights/s on one Zen 4 core, half the ~30 GB/s an int8 weight could stream at. VPDPBUSD multiplies
-// 64 unsigned bytes by 64 signed bytes and adds each 4 products into 16 int32 lanes: one instruction per 64
-// weights and x row.
+// Why: the AVX2 loops widen codes to floats (int8: ~4 instructions per 8 weights) and were compute-bound at ~15-16
+// (int8) and ~23 (int4 with int8 activations) G weights/s on one Zen 4 core, half what the codes could stream at.
+// VPDPBUSD multiplies 64 unsigned bytes by 64 signed bytes and adds each 4 products into 16 int32 lanes.
 //
-// Activations stay as precise as bf16: each x row is split per block of 128 columns into two int8 parts,
-// x ~= d (hi + lo / 256) with d = max|x| / 127, hi = round(x / d), lo = round((x - d hi) 256 / d) (clamped to
-// +-127), so the representation error is <= d / 256 = max|x| / 32512 per block, below bf16's own rounding of any
-// value within 1/64 of its block's largest. The integer sums are exact: lane = 256 dot(w, hi) + dot(w, lo). VPDPBUSD wants unsigned bytes on one side: the weights are read as w + 128 (a xor with 0x80),
-// and 128 * sum(256 hi + lo) d / 256 per row is subtracted at the end (once per call and x row).
+// Activations, two ways:
+// - two parts (int8 weights; int4 through gemv_int4): each x row is split per block of 128 columns into two int8
+//   parts, x ~= d (hi + lo / 256) with d = max|x| / 127, hi = round(x / d), lo = round((x - d hi) 256 / d)
+//   (clamped to +-127), so the representation error is <= d / 256 = max|x| / 32512 per block, below bf16's own
+//   rounding of any value within 1/64 of its block's largest: activations stay as precise as bf16. The integer
+//   sums are exact: lane = 256 dot(w, hi) + dot(w, lo).
+// - one part (int4 through gemv_int4_q8, the default int4 decode kernel): per block of 32 columns, rounded exactly
+//   as gemv.cpp's AVX2 int4 loop rounds them (llama.cpp's Q8_0 idea), so both ISAs give the same results.
+// int8: VPDPBUSD wants unsigned bytes on one side: the weights are read as w + 128 (a xor with 0x80), and
+// 128 * sum(256 hi + lo) d / 256 per x row is subtracted at the end. int4: the codes are unsigned already; lane i of
+// a 128-column chunk covers columns [8i, 8i + 8) (x stored per chunk as its 64 even columns, then its 64 odd ones,
+// the nibbles' order), scaled by its block's d and its group's scale; -8 s and the zeros are applied per group
+// from the x sums at the end of the row.
+//
+// Measured (one thread, Zen 4, llava-interleave-qwen-0.5b decode, benchmarks/bench_quantization.py): int8 30.7 ->
+// 42.0 tok/s, int4 41.4 -> 54.3. Still compute-bound: Zen 4 executes these 512-bit integer instructions at about
+// one a cycle (int4 ~10 per 128 weights). Tried and slower: software prefetch ahead of the weight stream (15-20 vs
+// 20 GB/s) and two weight rows per pass sharing the x loads (8 GB/s: two interleaved streams defeat the hardware
+// prefetcher).
 //
 // Compiled with a target pragma like gemv_avx512.cpp: the library still loads on CPUs without AVX-512.
 
@@ -31,11 +45,7 @@
 
 namespace {
 
-constexpr int64_t kBlock = 128;
-#ifndef FL_PREFETCH
-#define FL_PREFETCH 2048
-#endif
-constexpr int64_t kPrefetch = FL_PREFETCH;  // columns sharing one activation scale: two 64-weight steps per conversion
+constexpr int64_t kBlock = 128;  // columns per activation scale (two parts) and per int4 chunk
 
 // x (M, K) float -> hi, lo (M, K) int8 and d (M, K / 128) = block scale / 256; correction (M):
 // 128 * sum_b d_b / 256 * sum_{k in b} (256 hi_k + lo_k). With `deinterleave` each 128 columns are stored as
