@@ -28,6 +28,9 @@
 //                     over bf16 2.28 / 1.71; the PyTorch single-query path over fp32 1.07 / 0.25.
 //   14/2 heads x 64:  this kernel over bf16 0.18 / 0.11, over fp32 0.20 / 0.09; SDPA over fp32 0.38 / 0.18.
 // Cold, the times follow the bytes read (bf16 streams at ~13 GB/s); warm, the fixed cost is ~10 us a call.
+// On CPUs with AVX512-BF16, bf16 queries over bf16 caches with head sizes that are multiples of 32 take
+// attention_avx512.cpp's loops for the scores (16 keys per VDPBF16PS, no horizontal sums) and the value sums
+// (16-lane FMAs): 14/2 heads x 64, 760 cached tokens, one thread, warm: 55 us a layer against 78 (set_avx512(False)).
 // With it, bf16 caches became the default for bf16 models (half the memory): a 16-sequence engine decode step
 // of llava-interleave-qwen-0.5b at ~800 tokens went from 0.632 s (SDPA, fp32 caches) to 0.446 s. See
 // fastllava/models/half_matmul.py resolve_kv_dtype for the prefill side of that decision.
@@ -46,6 +49,8 @@
 #include <type_traits>
 #include <vector>
 
+#include "attention_avx512.h"
+#include "gemv_avx512.h"
 #include "vector_math.h"  // Vec<T> (fp32/bf16/fp16 as 8 floats), exp8 (<= 1 ulp, exp(-inf) = 0), horizontal_sum
 
 namespace {
@@ -195,13 +200,15 @@ struct Task {
   int64_t row_bytes;           // D * element size
   int64_t prefetch_rows;       // how far ahead rows are prefetched
   bool convert;                // half-precision K/V shared by several heads: convert each block once
+  bool avx512;                 // bf16 K/V, bf16 q, D % 32 == 0: attention_avx512.cpp's loops (q_pairs given)
+  float scale;                 // for the AVX-512 scores (q_pairs are unscaled)
 };
 
 // One (b, kv head): q (G, D) float32, pre-scaled; out (G, D) float32. scores: G * S floats, rows: block * D floats
 // of scratch.
 template <typename T>
 void attend_group(const Task& t, const float* q, const T* k, const T* v, const bool* valid, int64_t valid_stride,
-                  float* scores, float* rows, float* out) {
+                  float* scores, float* rows, float* out, const uint32_t* q_pairs) {
   const int64_t S = t.S, D = t.D, G = t.G;
   const float neg_inf = -std::numeric_limits<float>::infinity();
   // 1. scores, block by block: the block's K rows come from memory once and are reread from L1 by every head
@@ -209,7 +216,10 @@ void attend_group(const Task& t, const float* q, const T* k, const T* v, const b
     const int64_t n = std::min(S, s0 + t.block) - s0;
     const Prefetch pf{t.prefetch_rows, S - s0, t.row_bytes};
     const T* block = k + s0 * t.k_stride;
-    if (t.convert) {
+    if (t.avx512) {
+      if constexpr (std::is_same<T, at::BFloat16>::value)
+        fastllava::bf16_block_scores(q_pairs, block, t.k_stride, n, D, G, t.scale, scores + s0, S);
+    } else if (t.convert) {
       convert_block(block, t.k_stride, n, D, rows, pf);
       for (int64_t h = 0; h < G; ++h) score_block(q + h * D, rows, D, n, D, scores + h * S + s0, Prefetch{});
     } else {
@@ -260,9 +270,13 @@ void attend_group(const Task& t, const float* q, const T* k, const T* v, const b
     const bool* block_valid = valid == nullptr ? nullptr : valid + s0 * valid_stride;
     if (t.convert) {
       convert_block(block, t.v_stride, n, D, rows, pf);
-      for (int64_t h = 0; h < G; ++h)
-        if (inverse_sum[h] != 0.f)
+      for (int64_t h = 0; h < G; ++h) {
+        if (inverse_sum[h] == 0.f) continue;
+        if (t.avx512)
+          fastllava::weighted_rows_avx512(scores + h * S + s0, rows, n, block_valid, valid_stride, D, out + h * D);
+        else
           weighted_block(scores + h * S + s0, rows, D, n, block_valid, valid_stride, D, out + h * D, Prefetch{});
+      }
     } else {
       for (int64_t h = 0; h < G; ++h) {
         if (inverse_sum[h] == 0.f) continue;
@@ -309,9 +323,24 @@ std::array<int64_t, 5> check_inputs(const at::Tensor& q, const at::Tensor& k, co
 
 template <typename T>
 void run(const at::Tensor& qf, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& valid,
-         at::Tensor& out, int64_t B, int64_t H, int64_t Hkv, int64_t S, int64_t D) {
+         at::Tensor& out, int64_t B, int64_t H, int64_t Hkv, int64_t S, int64_t D, const at::Tensor& q,
+         double scale) {
   const int64_t G = H / Hkv;
-  Task task{S, D, G, k.stride(2), v.stride(2), 0, D * static_cast<int64_t>(sizeof(T)), 0, false};
+  Task task{S, D, G, k.stride(2), v.stride(2), 0, D * static_cast<int64_t>(sizeof(T)), 0, false, false,
+            static_cast<float>(scale)};
+  // bf16 K/V and a bf16 query (the products VDPBF16PS computes exactly): AVX-512 loops where the CPU has them
+  task.avx512 = std::is_same<T, at::BFloat16>::value && q.scalar_type() == at::kBFloat16 && D % 32 == 0 &&
+                D <= 256 && fastllava::avx512_enabled();
+  std::vector<uint32_t> q_pairs(task.avx512 ? static_cast<size_t>(B * H * D / 2) : 0);
+  if (task.avx512) {  // (B, H, D / 2): each head's bf16 query as 32-bit pairs, unscaled
+    const auto* bits = reinterpret_cast<const uint16_t*>(q.data_ptr<at::BFloat16>());
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t h = 0; h < H; ++h)
+        for (int64_t d = 0; d < D; d += 2) {
+          const int64_t at = b * q.stride(0) + h * q.stride(1) + d * q.stride(2);
+          q_pairs[((b * H + h) * D + d) / 2] = bits[at] | (static_cast<uint32_t>(bits[at + q.stride(2)]) << 16);
+        }
+  }
   task.prefetch_rows = kPrefetchBytes / std::max<int64_t>(1, task.row_bytes);
   task.convert = G > 1 && !std::is_same<T, float>::value;
   // ~16 KiB of rows per block (as float32 when converted; a multiple of 4 keys): they stay in L1 while the
@@ -333,7 +362,8 @@ void run(const at::Tensor& qf, const at::Tensor& k, const at::Tensor& v, const s
       const int64_t b = i / Hkv, h = i % Hkv;
       attend_group<T>(task, qp + (b * H + h * G) * D, kp + b * k.stride(0) + h * k.stride(1),
                       vp + b * v.stride(0) + h * v.stride(1), mp == nullptr ? nullptr : mp + b * mb, ms,
-                      scores.data(), rows.data(), op + (b * H + h * G) * D);
+                      scores.data(), rows.data(), op + (b * H + h * G) * D,
+                      task.avx512 ? q_pairs.data() + (b * H + h * G) * D / 2 : nullptr);
     }
   });
 }
@@ -367,9 +397,9 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
   }
   at::Tensor out = q.scalar_type() == at::kFloat ? result : at::empty({B, H, D}, q.options().dtype(at::kFloat));
   switch (k.scalar_type()) {
-    case at::kFloat: run<float>(qf, k, v, valid, out, B, H, Hkv, S, D); break;
-    case at::kBFloat16: run<at::BFloat16>(qf, k, v, valid, out, B, H, Hkv, S, D); break;
-    default: run<at::Half>(qf, k, v, valid, out, B, H, Hkv, S, D); break;
+    case at::kFloat: run<float>(qf, k, v, valid, out, B, H, Hkv, S, D, q, scale); break;
+    case at::kBFloat16: run<at::BFloat16>(qf, k, v, valid, out, B, H, Hkv, S, D, q, scale); break;
+    default: run<at::Half>(qf, k, v, valid, out, B, H, Hkv, S, D, q, scale); break;
   }
   if (q.scalar_type() != at::kFloat) {  // one rounding to q's dtype, round to nearest even as c10 converts
     const float* src = out.data_ptr<float>();

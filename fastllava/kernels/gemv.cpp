@@ -260,6 +260,12 @@ bool set_avx512(bool enabled) {
 
 bool avx512_active() { return use_avx512.load(); }
 
+}  // namespace
+
+bool fastllava::avx512_enabled() { return use_avx512.load(); }
+
+namespace {
+
 at::Tensor gemv(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
   check_cpu(weight, "weight");
   TORCH_CHECK(weight.dim() == 2, "fastllava gemv: the weight must be 2-D");

@@ -10,6 +10,9 @@ namespace fastllava {
 // The CPU has AVX512F/BW/VL/DQ, AVX512-BF16 and BMI2 (checked once).
 bool avx512_bf16_supported();
 
+// The AVX-512 loops may be used: the CPU has them and set_avx512 has not switched them off (gemv.cpp).
+bool avx512_enabled();
+
 // out (M, N) float32 = x (M, K) bf16 @ weight (N, K) bf16 ^T; contiguous rows; rows split across torch's threads.
 void gemv_bf16_avx512(const at::BFloat16* weight, const at::BFloat16* x, int64_t M, int64_t N, int64_t K, float* out);
 
