@@ -82,7 +82,7 @@ def test_other_layouts_and_scales(ops):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("heads,kv_heads,dim", [(14, 2, 64), (8, 8, 72), (8, 1, 128)])
+@pytest.mark.parametrize("heads,kv_heads,dim", [(14, 2, 64), (8, 8, 72), (8, 1, 128), (16, 16, 64)])
 def test_masks_with_holes_and_a_row_with_nothing_to_see(ops, dtype, heads, kv_heads, dim):
     g = torch.Generator().manual_seed(heads + dim)
     k, v = cache(3, kv_heads, 203, dim, dtype, seed=heads + dim)
@@ -102,7 +102,7 @@ def test_masks_with_holes_and_a_row_with_nothing_to_see(ops, dtype, heads, kv_he
                  dtype)
 
 
-@pytest.mark.parametrize("heads,kv_heads,dim", [(14, 2, 64), (8, 1, 128), (4, 4, 32)])
+@pytest.mark.parametrize("heads,kv_heads,dim", [(14, 2, 64), (8, 1, 128), (4, 4, 32), (3, 3, 256)])
 def test_avx512_and_avx2_loops_agree(ops, heads, kv_heads, dim):
     """bf16 queries and caches take attention_avx512.cpp's loops where the CPU has AVX512-BF16 (VDPBF16PS scores
     for 16 keys at a time, 16-lane value sums): the same accuracy as the AVX2 loops, results within a bf16 ulp of
@@ -124,6 +124,23 @@ def test_avx512_and_avx2_loops_agree(ops, heads, kv_heads, dim):
         for got in results:
             assert_close(got, want, torch.bfloat16)
         assert torch.allclose(results[0].float(), results[1].float(), rtol=2 ** -7, atol=1e-6)
+
+
+@pytest.mark.parametrize("dim", [64, 128])
+def test_one_pass_softmax_when_the_max_keeps_rising(ops, dim):
+    """Heads with their own K/V (G = 1) are read in one pass with a running max: keys whose scores climb block
+    after block (every block rescales what came before), one dominant key late, and scores near float32's exp
+    range all match the float64 softmax."""
+    length = 300
+    g = torch.Generator().manual_seed(dim)
+    q = torch.randn(1, 4, dim, generator=g).to(torch.bfloat16)
+    k, v = cache(1, 4, length, dim, torch.bfloat16, seed=dim)
+    ramp = torch.linspace(0.1, 3.0, length)[None, None, :, None]
+    k[:, 0] = (q[:, 0, None, :].float() * ramp[0]).to(torch.bfloat16)  # head 0: scores grow with the position
+    k[:, 1, 250] = (q[:, 1].float() * 8.0).to(torch.bfloat16)  # head 1: one key far above the rest
+    k[:, 2] = (k[:, 2].float() * 12.0).to(torch.bfloat16)  # head 2: scores spread over +-80 after scaling
+    for scale in (dim ** -0.5, 1.0):
+        assert_close(ops.decode_attention(q, k, v, None, scale), reference(q, k, v, None, scale), torch.bfloat16)
 
 
 def test_one_and_two_threads_give_identical_results(ops):

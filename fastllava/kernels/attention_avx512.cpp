@@ -7,15 +7,19 @@
 // 4 shuffles per register), shared by all the group's heads; each head then needs one VDPBF16PS per dim pair for
 // 16 keys and no horizontal sum. Products of two bf16 values are exact in float32, so the scores differ from the
 // float loop's only in the order of float32 sums; the values stay float32 throughout (the probabilities are not
-// rounded), so results keep the float loop's accuracy.
+// rounded), so results keep the float loop's accuracy. A head with its own K/V (single_head) needs no transpose: each
+// key's dot product is C VDPBF16PS and one transpose-and-add tree sums 16 keys' lanes; that loop runs the softmax
+// online so that K and V rows are read together (attention.cpp has the measurements).
 
 #include <ATen/ATen.h>
 #include <immintrin.h>
 
 #include <algorithm>
 #include <cstdint>
+#include <limits>
 
 #include "attention_avx512.h"
+#include "vector_math.h"  // exp8, exp1
 
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")
@@ -65,9 +69,129 @@ inline void weighted_pass(const float* p, const float* rows, int64_t n, const bo
   for (int c = 0; c < NV; ++c) _mm512_storeu_ps(acc + 16 * c, a[c]);
 }
 
+// r[j] = sum of the 16 lanes of a[j], j < 16: a transpose-and-add tree (45 shuffles and adds for 16 sums).
+inline __m512 sum16(const __m512 a[16]) {
+  __m512 quads[4];
+  for (int g = 0; g < 4; ++g) {
+    const __m512* x = a + 4 * g;
+    // per 128-bit lane: pairs of partial sums of x0, x1 (and x2, x3), then one partial sum of each
+    const __m512 s01 = _mm512_add_ps(_mm512_unpacklo_ps(x[0], x[1]), _mm512_unpackhi_ps(x[0], x[1]));
+    const __m512 s23 = _mm512_add_ps(_mm512_unpacklo_ps(x[2], x[3]), _mm512_unpackhi_ps(x[2], x[3]));
+    quads[g] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(s01), _mm512_castps_pd(s23))),
+                             _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(s01), _mm512_castps_pd(s23))));
+  }
+  // quads[g] lane k = (x0, x1, x2, x3 of group g) summed over 128-bit lane k: add the four lanes
+  const __m512 u = _mm512_add_ps(_mm512_shuffle_f32x4(quads[0], quads[1], 0x88),
+                                 _mm512_shuffle_f32x4(quads[0], quads[1], 0xDD));
+  const __m512 w = _mm512_add_ps(_mm512_shuffle_f32x4(quads[2], quads[3], 0x88),
+                                 _mm512_shuffle_f32x4(quads[2], quads[3], 0xDD));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(u, w, 0x88), _mm512_shuffle_f32x4(u, w, 0xDD));
+}
+
+inline __m512 bf16x16_to_float(const at::BFloat16* p) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(
+      _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
+}
+
+inline __m512 exp16(__m512 x) {  // vector_math.h's exp8 (<= 1 ulp, exp(-inf) = 0) on both halves
+  const __m256 low = fastllava::exp8(_mm512_castps512_ps256(x));
+  const __m256 high = fastllava::exp8(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(x), 1)));
+  return _mm512_insertf32x8(_mm512_castps256_ps512(low), high, 1);
+}
+
+// One query head (q: C * 32 bf16) over its own S keys and values, read in one pass: per 16 keys the scores
+// (one VDPBF16PS per 32 dims and key, one transpose-and-add tree), a running max and sum (the online softmax:
+// earlier sums are rescaled when the max grows), and the value rows' weighted sum. out (32 C floats) =
+// softmax(scale q.k) v; zeros where no key is valid. Masked keys' rows are never read (they may hold NaN).
+template <int C>
+void single_head(const at::BFloat16* q, const at::BFloat16* keys, int64_t k_stride, const at::BFloat16* values,
+                 int64_t v_stride, int64_t S, const bool* valid, int64_t valid_stride, float scale, float* out) {
+  __m512i qv[C];
+  for (int c = 0; c < C; ++c) qv[c] = _mm512_loadu_si512(q + 32 * c);
+  // value sums by 32-dim chunk, even and odd dims apart: a bf16 pair in a 32-bit lane becomes two floats with one
+  // shift (the even dim) and one mask (the odd), instead of a widening and a shift per 16 dims
+  __m512 even[C], odd[C];
+  for (int c = 0; c < C; ++c) even[c] = odd[c] = _mm512_setzero_ps();
+  const __m512i high_half = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
+  const float neg_inf = -std::numeric_limits<float>::infinity();
+  const __m512 scale_v = _mm512_set1_ps(scale), neg_inf_v = _mm512_set1_ps(neg_inf);
+  __m512 sums = _mm512_setzero_ps();
+  float max = neg_inf;
+  alignas(64) float p[16];
+  for (int64_t j0 = 0; j0 < S; j0 += 16) {
+    const int count = static_cast<int>(std::min<int64_t>(16, S - j0));
+    uint32_t live = (1u << count) - 1u;
+    if (valid != nullptr) {
+      if (valid_stride == 1 && count == 16)  // bools are bytes 0 or 1
+        live = _mm_test_epi8_mask(_mm_loadu_si128(reinterpret_cast<const __m128i*>(valid + j0)), _mm_set1_epi8(1));
+      else
+        for (int j = 0; j < count; ++j)
+          if (!valid[(j0 + j) * valid_stride]) live &= ~(1u << j);
+    }
+    if (live == 0) continue;
+    __m512 dots[16];
+    for (int j = 0; j < 16; ++j) {
+      dots[j] = _mm512_setzero_ps();
+      if (!((live >> j) & 1u)) continue;
+      const at::BFloat16* row = keys + (j0 + j) * k_stride;
+      for (int c = 0; c < C; ++c)
+        dots[j] = _mm512_dpbf16_ps(dots[j], as_bh(qv[c]), as_bh(_mm512_loadu_si512(row + 32 * c)));
+    }
+    const __m512 scores = _mm512_mask_blend_ps(static_cast<__mmask16>(live), neg_inf_v,
+                                               _mm512_mul_ps(sum16(dots), scale_v));
+    const float block_max = _mm512_reduce_max_ps(scores);
+    if (block_max > max) {  // rescale what was summed against the old max (exp(-inf) = 0 for the first block)
+      const __m512 factor = _mm512_set1_ps(fastllava::exp1(max - block_max));
+      for (int c = 0; c < C; ++c) {
+        even[c] = _mm512_mul_ps(even[c], factor);
+        odd[c] = _mm512_mul_ps(odd[c], factor);
+      }
+      sums = _mm512_mul_ps(sums, factor);
+      max = block_max;
+    }
+    const __m512 weights = exp16(_mm512_sub_ps(scores, _mm512_set1_ps(max)));  // masked lanes: exp(-inf) = 0
+    sums = _mm512_add_ps(sums, weights);
+    _mm512_store_ps(p, weights);
+    for (int j = 0; j < 16; ++j) {
+      if (!((live >> j) & 1u)) continue;
+      const __m512 w = _mm512_set1_ps(p[j]);
+      const at::BFloat16* row = values + (j0 + j) * v_stride;
+      for (int c = 0; c < C; ++c) {
+        const __m512i pairs = _mm512_loadu_si512(row + 32 * c);
+        even[c] = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_slli_epi32(pairs, 16)), w, even[c]);
+        odd[c] = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_and_si512(pairs, high_half)), w, odd[c]);
+      }
+    }
+  }
+  const float total = _mm512_reduce_add_ps(sums);
+  const __m512 inverse = _mm512_set1_ps(max == neg_inf ? 0.f : 1.f / total);
+  // back to dim order: lanes i of even and odd are dims 2i and 2i + 1 of the chunk
+  const __m512i first = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  const __m512i second = _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8);
+  for (int c = 0; c < C; ++c) {
+    _mm512_storeu_ps(out + 32 * c, _mm512_mul_ps(_mm512_permutex2var_ps(even[c], first, odd[c]), inverse));
+    _mm512_storeu_ps(out + 32 * c + 16, _mm512_mul_ps(_mm512_permutex2var_ps(even[c], second, odd[c]), inverse));
+  }
+}
+
 }  // namespace
 
 namespace fastllava {
+
+void bf16_single_head_attention(const at::BFloat16* q, const at::BFloat16* keys, int64_t k_stride,
+                                const at::BFloat16* values, int64_t v_stride, int64_t S, int64_t D, const bool* valid,
+                                int64_t valid_stride, float scale, float* out) {
+  switch (D / 32) {
+    case 1: single_head<1>(q, keys, k_stride, values, v_stride, S, valid, valid_stride, scale, out); break;
+    case 2: single_head<2>(q, keys, k_stride, values, v_stride, S, valid, valid_stride, scale, out); break;
+    case 3: single_head<3>(q, keys, k_stride, values, v_stride, S, valid, valid_stride, scale, out); break;
+    case 4: single_head<4>(q, keys, k_stride, values, v_stride, S, valid, valid_stride, scale, out); break;
+    case 5: single_head<5>(q, keys, k_stride, values, v_stride, S, valid, valid_stride, scale, out); break;
+    case 6: single_head<6>(q, keys, k_stride, values, v_stride, S, valid, valid_stride, scale, out); break;
+    case 7: single_head<7>(q, keys, k_stride, values, v_stride, S, valid, valid_stride, scale, out); break;
+    default: single_head<8>(q, keys, k_stride, values, v_stride, S, valid, valid_stride, scale, out); break;
+  }
+}
 
 void bf16_block_scores(const uint32_t* q_pairs, const at::BFloat16* keys, int64_t stride, int64_t n, int64_t D,
                        int64_t G, float scale, float* scores, int64_t scores_stride) {

@@ -18,4 +18,11 @@ void bf16_block_scores(const uint32_t* q_pairs, const at::BFloat16* keys, int64_
 void weighted_rows_avx512(const float* p, const float* rows, int64_t n, const bool* valid, int64_t valid_stride,
                           int64_t D, float* acc);
 
+// One query head with its own K/V rows (G = 1): out (D floats) = softmax(scale q.k_j) v over the S rows, in one pass
+// that reads each key row and then, 16 keys later at most, the value row (an online softmax). q: D bf16 values,
+// D a multiple of 32, <= 256; valid (optional, valid_stride apart): False rows are never read; none valid: zeros.
+void bf16_single_head_attention(const at::BFloat16* q, const at::BFloat16* keys, int64_t k_stride,
+                                const at::BFloat16* values, int64_t v_stride, int64_t S, int64_t D, const bool* valid,
+                                int64_t valid_stride, float scale, float* out);
+
 }  // namespace fastllava
