@@ -35,6 +35,10 @@ probe: the probe and our decode move by 10-20% between runs minutes apart on thi
 bandwidth target is met in some runs and not others. ``--threads 2``: TTFT 3.50 vs 3.74 s (0.935x), decode 28.98 vs
 10.60 tok/s (2.73x), 0.484 of a 55.6 GB/s two-thread probe (the GEMVs alone measured 28-35 GB/s on two threads
 minutes later, against a 33.9 GB/s probe then).
+Session 8 (2026-12-05), after the one-pass decode attention for heads with their own K/V, same command, a noisy
+machine (our bf16 and transformers both ~15% below the session-7 runs): TTFT 6.81 vs 7.46 s (0.914x), decode 19.51
+vs 5.40 tok/s (3.61x), 0.531 of a 34.1 GB/s probe. Per decode-attention call inside this run's steps (757 cached
+tokens, 16 x 64 heads): 145-150 us against 189-193 before.
 
 llava-1.5-7b, measured here 2026-12-04 (AVX512-BF16 EPYC, 2 cores, 24 GiB; ``--arch llava-1.5-7b --threads 1
 --batches 1 --new-tokens 128 --repeats 1``, warm-up on, bf16, separate processes, 594 prompt tokens), NOT quiet:

@@ -32,6 +32,11 @@ Before, same day: one thread int8 30.7 (1.10x) and int4 41.4 (1.48x) of a 28.0 b
 61.3 (1.78x) of 34.5. So int8 now meets 1.8x in some runs, int4 stays short of 2.5x: the int4 loop runs ~25-30 G
 weights/s from memory on one core (~13-15 GB/s of codes), compute-bound at ~13 zmm instructions per 128 weights
 (Zen 4 executes ~1 of these 512-bit integer instructions a cycle), and ~3 ms a token is spent outside the products.
+
+2026-12-05 (session 8), after the one-pass decode attention for heads with their own K/V (attention_avx512.cpp
+single_head: ~1.1 ms a token less for every scheme, which favours the smaller ones), same command, one thread, three
+runs on a noisy shared machine: bf16 19.0 / 22.3 / 25.0 tok/s; int8 37.6 (1.97x) / 44.4 (2.00x) / 42.2 (1.69x);
+int4 48.3 (2.53x) / 51.5 (2.31x) / 51.1 (2.05x); int8-saved 2.15x / 1.78x / 1.69x; int4-saved 2.74x / 2.28x / 2.18x.
 Peak memory unchanged (int8 1.05x the model's bytes, 0.77x the bf16 run's). ``--parts logits`` (random weights, a
 16-token prompt, against bf16): int8 relative max logit error 0.055, int4-g64 0.443 (top-1 agreement 0.81 / 0.50).
 
