@@ -37,6 +37,8 @@ weights/s from memory on one core (~13-15 GB/s of codes), compute-bound at ~13 z
 single_head: ~1.1 ms a token less for every scheme, which favours the smaller ones), same command, one thread, three
 runs on a noisy shared machine: bf16 19.0 / 22.3 / 25.0 tok/s; int8 37.6 (1.97x) / 44.4 (2.00x) / 42.2 (1.69x);
 int4 48.3 (2.53x) / 51.5 (2.31x) / 51.1 (2.05x); int8-saved 2.15x / 1.78x / 1.69x; int4-saved 2.74x / 2.28x / 2.18x.
+Two threads, one run: bf16 31.1; int8 55.5 (1.79x), int4 78.5 (2.53x), int8-saved 64.9 (2.09x), int4-saved 75.7
+(2.44x).
 Peak memory unchanged (int8 1.05x the model's bytes, 0.77x the bf16 run's). ``--parts logits`` (random weights, a
 16-token prompt, against bf16): int8 relative max logit error 0.055, int4-g64 0.443 (top-1 agreement 0.81 / 0.50).
 
