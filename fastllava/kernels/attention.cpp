@@ -368,7 +368,8 @@ void run(const at::Tensor& qf, const at::Tensor& k, const at::Tensor& v, const s
   // tasks of at least ~64k multiply-adds each: a short cache is not worth waking another thread for
   const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, S * D * (G + 1)));
   at::parallel_for(0, B * Hkv, grain, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores(static_cast<size_t>(G * S));
+    // the one-pass loop (AVX-512, G = 1) keeps its scores in registers: no G * S floats to zero every call
+    std::vector<float> scores(task.avx512 && G == 1 ? 0 : static_cast<size_t>(G * S));
     std::vector<float> rows(task.convert ? static_cast<size_t>(task.block * D) : 0);
     for (int64_t i = begin; i < end; ++i) {
       const int64_t b = i / Hkv, h = i % Hkv;
