@@ -333,6 +333,13 @@ std::array<int64_t, 5> check_inputs(const at::Tensor& q, const at::Tensor& k, co
   return {B, H, Hkv, S, D};
 }
 
+// bf16 K/V and a bf16 query (the products VDPBF16PS computes exactly): attention_avx512.cpp's loops where the CPU
+// has them. They read the query's bf16 values, not the float32 copy the other loops use.
+bool avx512_loops_apply(const at::Tensor& q, const at::Tensor& k, int64_t D) {
+  return k.scalar_type() == at::kBFloat16 && q.scalar_type() == at::kBFloat16 && D % 32 == 0 && D <= 256 &&
+         fastllava::avx512_enabled();
+}
+
 template <typename T>
 void run(const at::Tensor& qf, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& valid,
          at::Tensor& out, int64_t B, int64_t H, int64_t Hkv, int64_t S, int64_t D, const at::Tensor& q,
@@ -340,9 +347,7 @@ void run(const at::Tensor& qf, const at::Tensor& k, const at::Tensor& v, const s
   const int64_t G = H / Hkv;
   Task task{S, D, G, k.stride(2), v.stride(2), 0, D * static_cast<int64_t>(sizeof(T)), 0, false, false,
             static_cast<float>(scale)};
-  // bf16 K/V and a bf16 query (the products VDPBF16PS computes exactly): AVX-512 loops where the CPU has them
-  task.avx512 = std::is_same<T, at::BFloat16>::value && q.scalar_type() == at::kBFloat16 && D % 32 == 0 &&
-                D <= 256 && fastllava::avx512_enabled();
+  task.avx512 = avx512_loops_apply(q, k, D);
   std::vector<uint32_t> q_pairs(task.avx512 ? static_cast<size_t>(B * H * D / 2) : 0);
   if (task.avx512) {  // (B, H, D / 2): each head's bf16 query as 32-bit pairs, unscaled
     const auto* bits = reinterpret_cast<const uint16_t*>(q.data_ptr<at::BFloat16>());
@@ -403,10 +408,12 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
           qd[(b * H + h) * D + d] =
               static_cast<float>(src[b * q.stride(0) + h * q.stride(1) + d * q.stride(2)]) * scale_f;
   };
-  switch (q.scalar_type()) {
-    case at::kFloat: convert_q(float{}); break;
-    case at::kBFloat16: convert_q(at::BFloat16{}); break;
-    default: convert_q(at::Half{}); break;
+  if (!avx512_loops_apply(q, k, D)) {
+    switch (q.scalar_type()) {
+      case at::kFloat: convert_q(float{}); break;
+      case at::kBFloat16: convert_q(at::BFloat16{}); break;
+      default: convert_q(at::Half{}); break;
+    }
   }
   at::Tensor out = q.scalar_type() == at::kFloat ? result : at::empty({B, H, D}, q.options().dtype(at::kFloat));
   switch (k.scalar_type()) {
