@@ -222,13 +222,15 @@ def vnni_inputs(rows: int, width: int, seed: int) -> torch.Tensor:
 
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 7, 9])  # 4-row passes, then 2, then 1
 @pytest.mark.parametrize("width", [128, 384, 896])
-def test_int8_vnni_loop(kernels, vnni, rows, width):
+@pytest.mark.parametrize("scale_dtype", [torch.bfloat16, torch.float32])
+def test_int8_vnni_loop(kernels, vnni, rows, width, scale_dtype):
     """bf16 x: int8 weights x two-part int8 activations, within the activation rounding's bound of the float64
     product (~128x tighter than one int8 part per block) and at most a bf16 ulp from the AVX2 float loop;
-    float32 x stays on the exact float loop."""
+    float32 x stays on the exact float loop. 67 weight rows: one x row takes blocks of 16 rows and 3 rows after."""
     weight = torch.randn(67, width) * 0.05
     weight[3] *= 20  # a row with a large scale
-    codes, scales = quantize_int8(weight, torch.bfloat16)
+    weight[50] *= 20  # and one in the last block of 16
+    codes, scales = quantize_int8(weight, scale_dtype)
     dequantized = codes.double() * scales.double()[:, None]
     bias = torch.randn(67)
     x = vnni_inputs(rows, width, rows * 10 + width)
@@ -287,7 +289,8 @@ def test_vnni_loops_do_not_depend_on_the_thread_count(kernels, vnni):
         for count in (1, 2):
             torch.set_num_threads(count)
             results.append((kernels.gemv_int8(x, codes, scales), kernels.gemv_int4_q8(x, packed, s4, z4, 64),
-                            kernels.gemv_int4(x, packed, s4, z4, 64)))
+                            kernels.gemv_int4(x, packed, s4, z4, 64), kernels.gemv_int8(x[:1, :1], codes, scales),
+                            kernels.gemv_int4_q8(x[:1, :1], packed, s4, z4, 64)))
     finally:
         torch.set_num_threads(threads)
     assert results[0][0].shape == (2, 3, 4099)

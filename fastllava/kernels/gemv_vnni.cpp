@@ -27,6 +27,12 @@
 // 20 GB/s) and two weight rows per pass sharing the x loads (8 GB/s: two interleaved streams defeat the hardware
 // prefetcher).
 //
+// Batch 1 (one x row): each weight row's 16 lanes are kept and 16 rows are summed by one transpose-and-add tree
+// (sum16) instead of a horizontal sum per row; with the int4 chunks unrolled per scale window (constant permute
+// indices), warm-cache speed at K = 896 rose 25.7-32.2 -> 32.7-36.0 G weights/s (int4) and 29.9-30.8 -> 37.1-37.7
+// (int8). Tried and dropped: 2 or 4 weight rows side by side sharing the x loads: 44-50 G weights/s warm but 8-13
+// from memory (Zen 4's prefetchers lose the interleaved rows; a software prefetch cursor won back only part).
+//
 // Compiled with a target pragma like gemv_avx512.cpp: the library still loads on CPUs without AVX-512.
 
 #include <ATen/ATen.h>
@@ -141,13 +147,12 @@ void quantize_one_part(const float* x, int64_t M, int64_t K, int64_t group, int8
     }
 }
 
-// Weight row `row` against x rows [m, m + MR). Per 128 columns and x row: lane = 256 (w+128).hi + (w+128).lo over
-// its 8 columns (|lane| < 2^27), converted once and scaled by the block's d / 256.
+// Weight row `row` against x rows [m, m + MR): each x row's 16 lane totals. Per 128 columns and x row: lane =
+// 256 (w+128).hi + (w+128).lo over its 8 columns (|lane| < 2^27), converted once and scaled by the block's d / 256.
 template <int MR>
-inline void int8_row(const int8_t* w, const int8_t* hi, const int8_t* lo, const float* scales, const float* correction,
-                     float row_scale, int64_t K, int64_t row, int64_t m, float* out, int64_t N) {
+inline void int8_lanes(const int8_t* w, const int8_t* hi, const int8_t* lo, const float* scales, int64_t K,
+                       int64_t row, int64_t m, __m512* total) {
   const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
-  __m512 total[MR];
   for (int i = 0; i < MR; ++i) total[i] = _mm512_setzero_ps();
   const int8_t* wr = w + row * K;
   for (int64_t k = 0, b = 0; k < K; k += kBlock, ++b) {
@@ -162,7 +167,35 @@ inline void int8_row(const int8_t* w, const int8_t* hi, const int8_t* lo, const 
       total[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), _mm512_set1_ps(scales[(m + i) * (K / kBlock) + b]), total[i]);
     }
   }
+}
+
+// out[m + i, row] for x rows [m, m + MR): the lanes summed, the +128 removed, times the row's scale.
+template <int MR>
+inline void int8_row(const int8_t* w, const int8_t* hi, const int8_t* lo, const float* scales, const float* correction,
+                     float row_scale, int64_t K, int64_t row, int64_t m, float* out, int64_t N) {
+  __m512 total[MR];
+  int8_lanes<MR>(w, hi, lo, scales, K, row, m, total);
   for (int i = 0; i < MR; ++i) out[(m + i) * N + row] = (_mm512_reduce_add_ps(total[i]) - correction[m + i]) * row_scale;
+}
+
+// r[j] = the sum of the 16 lanes of a[j]: one transpose-and-add tree (~45 shuffles and adds, against ~8 a row for
+// separate horizontal sums).
+inline __m512 sum16(const __m512 a[16]) {
+  __m512 quads[4];
+  for (int g = 0; g < 4; ++g) {
+    const __m512* x = a + 4 * g;
+    // per 128-bit lane: pairs of partial sums of x0, x1 (and x2, x3), then one partial sum of each of the four
+    const __m512 s01 = _mm512_add_ps(_mm512_unpacklo_ps(x[0], x[1]), _mm512_unpackhi_ps(x[0], x[1]));
+    const __m512 s23 = _mm512_add_ps(_mm512_unpacklo_ps(x[2], x[3]), _mm512_unpackhi_ps(x[2], x[3]));
+    quads[g] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(s01), _mm512_castps_pd(s23))),
+                             _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(s01), _mm512_castps_pd(s23))));
+  }
+  // quads[g] 128-bit lane k holds x0..x3 of group g summed over lane k: add the four 128-bit lanes
+  const __m512 u = _mm512_add_ps(_mm512_shuffle_f32x4(quads[0], quads[1], 0x88),
+                                 _mm512_shuffle_f32x4(quads[0], quads[1], 0xDD));
+  const __m512 w = _mm512_add_ps(_mm512_shuffle_f32x4(quads[2], quads[3], 0x88),
+                                 _mm512_shuffle_f32x4(quads[2], quads[3], 0xDD));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(u, w, 0x88), _mm512_shuffle_f32x4(u, w, 0xDD));
 }
 
 inline float to_float(float v) { return v; }
@@ -177,18 +210,16 @@ inline __m512 load16(const at::BFloat16* p, int64_t n) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
 }
 
-// The int4 group scale of each of the 16 lanes of one 128-column chunk (lane i covers columns [8i, 8i + 8)).
-// Groups of 128 and more: one scale. Smaller groups: the scales of 16 groups are loaded once as a vector
-// (`window`, refreshed every 16 groups) and each chunk takes its 2 or 4 of them with one permute.
+// The int4 group scale of each of the 16 lanes of chunk first + slot (lane i covers columns [8i, 8i + 8)), `first` a
+// multiple of the chunks one window covers. Groups of 128 and more: one scale. Smaller groups: the scales of 16
+// groups are loaded once as a vector (`window`, at slot 0) and each chunk takes its 2 or 4 of them with one permute.
 template <int64_t group, typename Scale>
-inline __m512 chunk_scales(const Scale* row_scales, int64_t groups, int64_t chunk, __m512& window) {
+inline __m512 chunk_scales(const Scale* row_scales, int64_t groups, int64_t first, int64_t slot, __m512& window) {
   if constexpr (group >= kBlock) {
-    return _mm512_set1_ps(to_float(row_scales[chunk * kBlock / group]));
+    return _mm512_set1_ps(to_float(row_scales[(first + slot) * kBlock / group]));
   } else {
-    constexpr int64_t per_chunk = kBlock / group, chunks_per_window = 16 / per_chunk;
-    const int64_t slot = chunk % chunks_per_window;
-    if (slot == 0)
-      window = load16(row_scales + chunk * per_chunk, std::min<int64_t>(16, groups - chunk * per_chunk));
+    constexpr int64_t per_chunk = kBlock / group;
+    if (slot == 0) window = load16(row_scales + first * per_chunk, std::min<int64_t>(16, groups - first * per_chunk));
     const __m512i index = per_chunk == 2 ? _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1)
                                          : _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
     return _mm512_permutexvar_ps(_mm512_add_epi32(index, _mm512_set1_epi32(static_cast<int>(slot * per_chunk))), window);
@@ -200,34 +231,40 @@ inline __m512 chunk_scales(const Scale* row_scales, int64_t groups, int64_t chun
 // columns: Parts 2, 256 q.hi + q.lo scaled by the chunk's d / 256; Parts 1, q.x8 scaled by the lane's block d
 // (d16); both times the lane's group scale.
 template <int Parts, int MR, int64_t group, typename Scale>
-inline void int4_row(const uint8_t* codes, const Scale* scales, const Scale* zeros, const int8_t* hi,
-                     const int8_t* lo, const float* d, const float* x_sums, const float* q_sums, int64_t K,
-                     int64_t row, int64_t m, float* out, int64_t N) {
+inline void int4_lanes(const uint8_t* codes, const Scale* scales, const Scale* zeros, const int8_t* hi,
+                       const int8_t* lo, const float* d, const float* x_sums, const float* q_sums, int64_t K,
+                       int64_t row, int64_t m, __m512* total) {
   const int64_t groups = K / group, chunks = K / kBlock;
   const uint8_t* rc = codes + row * (K / 2);
   const Scale* rs = scales + row * groups;
   const Scale* rz = zeros + row * groups;
   const __m512i low = _mm512_set1_epi8(15);
-  __m512 total[MR];
   for (int i = 0; i < MR; ++i) total[i] = _mm512_setzero_ps();
   __m512 window = _mm512_setzero_ps();
-  for (int64_t c = 0; c < chunks; ++c) {
-    const __m512i bytes = _mm512_loadu_si512(rc + c * (kBlock / 2));
-    const __m512i even = _mm512_and_si512(bytes, low), odd = _mm512_and_si512(_mm512_srli_epi16(bytes, 4), low);
-    const __m512 s = chunk_scales<group>(rs, groups, c, window);
-    for (int i = 0; i < MR; ++i) {
-      const int64_t base = (m + i) * K + c * kBlock;
-      __m512i acc = _mm512_dpbusd_epi32(_mm512_setzero_si512(), even, _mm512_loadu_si512(hi + base));
-      acc = _mm512_dpbusd_epi32(acc, odd, _mm512_loadu_si512(hi + base + 64));
-      __m512 lane_d;
-      if constexpr (Parts == 2) {
-        acc = _mm512_dpbusd_epi32(_mm512_slli_epi32(acc, 8), even, _mm512_loadu_si512(lo + base));
-        acc = _mm512_dpbusd_epi32(acc, odd, _mm512_loadu_si512(lo + base + 64));
-        lane_d = _mm512_set1_ps(d[(m + i) * chunks + c]);
-      } else {
-        lane_d = _mm512_loadu_ps(d + ((m + i) * chunks + c) * 16);
+  // chunks in runs of one scale window, unrolled so that each chunk's permute index is a constant
+  constexpr int64_t run = group >= kBlock ? 1 : 16 / (kBlock / group);
+  for (int64_t first = 0; first < chunks; first += run) {
+#pragma GCC unroll 16
+    for (int64_t slot = 0; slot < run; ++slot) {
+      const int64_t c = first + slot;
+      if (c >= chunks) break;
+      const __m512i bytes = _mm512_loadu_si512(rc + c * (kBlock / 2));
+      const __m512i even = _mm512_and_si512(bytes, low), odd = _mm512_and_si512(_mm512_srli_epi16(bytes, 4), low);
+      const __m512 s = chunk_scales<group>(rs, groups, first, slot, window);
+      for (int i = 0; i < MR; ++i) {
+        const int64_t base = (m + i) * K + c * kBlock;
+        __m512i acc = _mm512_dpbusd_epi32(_mm512_setzero_si512(), even, _mm512_loadu_si512(hi + base));
+        acc = _mm512_dpbusd_epi32(acc, odd, _mm512_loadu_si512(hi + base + 64));
+        __m512 lane_d;
+        if constexpr (Parts == 2) {
+          acc = _mm512_dpbusd_epi32(_mm512_slli_epi32(acc, 8), even, _mm512_loadu_si512(lo + base));
+          acc = _mm512_dpbusd_epi32(acc, odd, _mm512_loadu_si512(lo + base + 64));
+          lane_d = _mm512_set1_ps(d[(m + i) * chunks + c]);
+        } else {
+          lane_d = _mm512_loadu_ps(d + ((m + i) * chunks + c) * 16);
+        }
+        total[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), _mm512_mul_ps(s, lane_d), total[i]);
       }
-      total[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), _mm512_mul_ps(s, lane_d), total[i]);
     }
   }
   for (int64_t g = 0; g < groups; g += 16) {  // the -8 and zero parts, 16 groups at a time
@@ -241,6 +278,14 @@ inline void int4_row(const uint8_t* codes, const Scale* scales, const Scale* zer
       total[i] = _mm512_fmadd_ps(_mm512_mul_ps(s, _mm512_set1_ps(-8.f)), qs, _mm512_fmadd_ps(z, xs, total[i]));
     }
   }
+}
+
+template <int Parts, int MR, int64_t group, typename Scale>
+inline void int4_row(const uint8_t* codes, const Scale* scales, const Scale* zeros, const int8_t* hi,
+                     const int8_t* lo, const float* d, const float* x_sums, const float* q_sums, int64_t K,
+                     int64_t row, int64_t m, float* out, int64_t N) {
+  __m512 total[MR];
+  int4_lanes<Parts, MR, group>(codes, scales, zeros, hi, lo, d, x_sums, q_sums, K, row, m, total);
   for (int i = 0; i < MR; ++i) out[(m + i) * N + row] = _mm512_reduce_add_ps(total[i]);
 }
 
@@ -258,6 +303,22 @@ void int4_all_rows(const uint8_t* codes, const Scale* scales, const Scale* zeros
     quantize_one_part(x, M, K, group, hi.data(), d.data(), x_sums.data(), q_sums.data());
   }
   const int64_t grain = std::max<int64_t>(1, (64 << 10) / std::max<int64_t>(1, K / 2));
+  if (M == 1) {  // decode, batch 1: 16 weight rows' sums at a time from one tree, as for int8
+    const int64_t blocks = N / 16;
+    at::parallel_for(0, blocks, std::max<int64_t>(1, grain / 16), [&](int64_t begin, int64_t end) {
+      __m512 lanes[16];
+      for (int64_t block = begin; block < end; ++block) {
+        for (int r = 0; r < 16; ++r)
+          int4_lanes<Parts, 1, group>(codes, scales, zeros, hi.data(), lo.data(), d.data(), x_sums.data(),
+                                      q_sums.data(), K, block * 16 + r, 0, lanes + r);
+        _mm512_storeu_ps(out + block * 16, sum16(lanes));
+      }
+    });
+    for (int64_t n = blocks * 16; n < N; ++n)
+      int4_row<Parts, 1, group>(codes, scales, zeros, hi.data(), lo.data(), d.data(), x_sums.data(), q_sums.data(), K,
+                                n, 0, out, N);
+    return;
+  }
   at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) {
       int64_t m = 0;
@@ -292,6 +353,27 @@ void int4_parts(int parts, const uint8_t* codes, const Scale* scales, const Scal
   else int4_dispatch<1>(codes, scales, zeros, group, x, M, N, K, out);
 }
 
+// One x row (decode, batch 1): out[row .. row + 16) per block of 16 weight rows, their lanes summed by one
+// transpose-and-add tree (~10% faster than a horizontal sum per row at K = 896; weight rows stay one sequential
+// stream: reading 2 or 4 rows side by side to share the x loads was 40-60% faster on warm caches and ~2x slower from
+// memory, where Zen 4's prefetchers lost track; a software prefetch cursor won back only part of it).
+template <typename Scale>
+void int8_one_x_row(const int8_t* weight, const Scale* row_scales, const int8_t* hi, const int8_t* lo,
+                    const float* scales, float correction, int64_t N, int64_t K, int64_t grain, float* out) {
+  const int64_t blocks = N / 16;
+  at::parallel_for(0, blocks, std::max<int64_t>(1, grain / 16), [&](int64_t begin, int64_t end) {
+    __m512 lanes[16];
+    for (int64_t block = begin; block < end; ++block) {
+      const int64_t row = block * 16;
+      for (int r = 0; r < 16; ++r) int8_lanes<1>(weight, hi, lo, scales, K, row + r, 0, lanes + r);
+      const __m512 sums = _mm512_sub_ps(sum16(lanes), _mm512_set1_ps(correction));
+      _mm512_storeu_ps(out + row, _mm512_mul_ps(sums, load16(row_scales + row, 16)));
+    }
+  });
+  for (int64_t n = blocks * 16; n < N; ++n)
+    int8_row<1>(weight, hi, lo, scales, &correction, to_float(row_scales[n]), K, n, 0, out, N);
+}
+
 }  // namespace
 
 #pragma GCC pop_options
@@ -312,6 +394,15 @@ void gemv_int8_vnni(const int8_t* weight, const void* row_scales, bool float_sca
   split_rows(x, M, K, hi.data(), lo.data(), scales.data(), correction.data());
   // runs of >= 64 KiB of weights per task: a small layer is not worth waking a second thread for
   const int64_t grain = std::max<int64_t>(1, (64 << 10) / std::max<int64_t>(1, K));
+  if (M == 1) {
+    if (float_scales)
+      int8_one_x_row(weight, static_cast<const float*>(row_scales), hi.data(), lo.data(), scales.data(), correction[0],
+                     N, K, grain, out);
+    else
+      int8_one_x_row(weight, static_cast<const at::BFloat16*>(row_scales), hi.data(), lo.data(), scales.data(),
+                     correction[0], N, K, grain, out);
+    return;
+  }
   at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) {
       const float scale = float_scales ? static_cast<const float*>(row_scales)[n]
