@@ -80,6 +80,7 @@ class _Layer:
                 raise _Unsupported("a norm in another dtype")
         self.index = attention.layer_index
         self.heads, self.kv_heads, self.head_dim = attention.num_heads, attention.num_kv_heads, attention.head_dim
+        self.scale = self.head_dim ** -0.5
         self.input_norm, self.input_eps = layer.input_layernorm.weight, layer.input_layernorm.eps
         self.post_norm, self.post_eps = layer.post_attention_layernorm.weight, layer.post_attention_layernorm.eps
         self.qkv, qkv_rows = _products(attention, ("q_proj", "k_proj", "v_proj"), dtype)
@@ -134,17 +135,12 @@ class LeanStep:
         position = int(slot[0])  # the cache slot this step writes (one per step: slot is (1,))
         silu_kernel = llama.SILU_MUL_KERNEL_FASTER
         for layer in self.layers:
-            q, k, v = layer.qkv(ops.rms_norm(x, layer.input_norm, layer.input_eps))
-            q = q.view(batch, 1, layer.heads, layer.head_dim).transpose(1, 2)  # (B, H, 1, D)
-            k = k.view(batch, 1, layer.kv_heads, layer.head_dim).transpose(1, 2)  # (B, Hkv, 1, D)
-            v = v.view(batch, 1, layer.kv_heads, layer.head_dim).transpose(1, 2)
-            ops.rotary_(q, cos, sin)
-            ops.rotary_(k, cos, sin)
-            layer_keys, layer_values = keys[layer.index], values[layer.index]
-            ops.cache_write_(layer_keys, layer_values, k, v, position)
-            out = ops.decode_attention(q.reshape(batch, layer.heads, layer.head_dim), layer_keys[:, :, :kv_len],
-                                       layer_values[:, :, :kv_len], valid[layer.index], layer.head_dim ** -0.5)
-            x = x + layer.o_proj(out.reshape(batch, 1, layer.heads * layer.head_dim))
+            q, k, v = layer.qkv(ops.rms_norm(x, layer.input_norm, layer.input_eps))  # (B, 1, heads * D) each
+            # RoPE on q and k, the cache write and attention over kv_len rows: rotary_, cache_write_ and
+            # decode_attention in one dispatch (kernels/attention_step.cpp)
+            out = ops.decode_attention_step(q, k, v, cos, sin, keys[layer.index], values[layer.index], position,
+                                            kv_len, valid[layer.index], layer.scale)
+            x = x + layer.o_proj(out)
             gate, up = layer.gate_up(ops.rms_norm(x, layer.post_norm, layer.post_eps))
             x = x + layer.down(ops.silu_mul(gate, up) if silu_kernel else F.silu(gate) * up)
         hidden = ops.rms_norm(x, self.final_norm, self.final_eps)

@@ -56,6 +56,7 @@
 #include <vector>
 
 #include "attention_avx512.h"
+#include "decode_ops.h"
 #include "gemv_avx512.h"
 #include "vector_math.h"  // Vec<T> (fp32/bf16/fp16 as 8 floats), exp8 (<= 1 ulp, exp(-inf) = 0), horizontal_sum
 
@@ -462,6 +463,11 @@ at::Tensor exp_avx2(const at::Tensor& x) {
 }
 
 }  // namespace
+
+at::Tensor fastllava::decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                       const std::optional<at::Tensor>& valid, double scale) {
+  return ::decode_attention(q, k, v, valid, scale);
+}
 
 TORCH_LIBRARY_FRAGMENT(fastllava, m) {
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor? valid, float scale) -> Tensor");

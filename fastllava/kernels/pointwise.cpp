@@ -24,6 +24,7 @@
 #include <cstdint>
 #include <limits>
 
+#include "decode_ops.h"
 #include "vector_math.h"
 
 namespace {
@@ -264,6 +265,13 @@ void rotary_meta(at::Tensor&, const at::Tensor&, const at::Tensor&) {}
 at::Tensor silu_mul_meta(const at::Tensor& gate, const at::Tensor&) { return at::empty(gate.sizes(), gate.options()); }
 
 }  // namespace
+
+void fastllava::rotary_(at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) { ::rotary_(x, cos, sin); }
+
+void fastllava::cache_write_(at::Tensor& keys, at::Tensor& values, const at::Tensor& k, const at::Tensor& v,
+                             int64_t slot) {
+  ::cache_write_(keys, values, k, v, slot);
+}
 
 TORCH_LIBRARY_FRAGMENT(fastllava, m) {
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
