@@ -39,6 +39,12 @@ Session 8 (2026-12-05), after the one-pass decode attention for heads with their
 machine (our bf16 and transformers both ~15% below the session-7 runs): TTFT 6.81 vs 7.46 s (0.914x), decode 19.51
 vs 5.40 tok/s (3.61x), 0.531 of a 34.1 GB/s probe. Per decode-attention call inside this run's steps (757 cached
 tokens, 16 x 64 heads): 145-150 us against 189-193 before.
+Session 9 (2026-12-05), after the batch-1 VNNI loops' shared row sums and the one-op attention half of the lean decode
+step (kernels/attention_step.cpp, ~0.3 ms a token less Python): ``--threads 1``, same command: TTFT 6.52 vs 7.18 s
+(0.907x), decode 24.06 vs 6.37 tok/s (3.78x), 0.682 of a 32.7 GB/s probe; a second run TTFT 0.891x, decode 22.85 vs
+6.33 (3.61x), 0.645 of 32.9 GB/s. Both cores (the default, ``--batches 1 --new-tokens 128 --repeats 1``): TTFT 3.76
+vs 4.26 s (0.883x), decode 37.02 vs 9.15 tok/s (4.04x), 34.4 GB/s = 1.02 of the 33.6 GB/s two-thread probe (the
+probe itself ranged 32.5-55.6 GB/s across sessions on this shared machine).
 
 llava-1.5-7b, measured here 2026-12-04 (AVX512-BF16 EPYC, 2 cores, 24 GiB; ``--arch llava-1.5-7b --threads 1
 --batches 1 --new-tokens 128 --repeats 1``, warm-up on, bf16, separate processes, 594 prompt tokens), NOT quiet:

@@ -42,6 +42,16 @@ Two threads, one run: bf16 31.1; int8 55.5 (1.79x), int4 78.5 (2.53x), int8-save
 Peak memory unchanged (int8 1.05x the model's bytes, 0.77x the bf16 run's). ``--parts logits`` (random weights, a
 16-token prompt, against bf16): int8 relative max logit error 0.055, int4-g64 0.443 (top-1 agreement 0.81 / 0.50).
 
+2026-12-05 (session 9), after the batch-1 VNNI loops sum 16 weight rows in one tree (int4 chunks unrolled per scale
+window; warm K = 896: int4 ~26-32 -> 33-36, int8 ~30 -> 37 G weights/s) and the one-op attention half of the lean
+decode step, ``--parts decode --new-tokens 64 --repeats 1 --group-sizes 64``, torch's default two threads, five runs
+minutes apart (the first two before the attention-step op): bf16 30.8 / 33.7 / 31.7 / 39.6 / 33.6 tok/s; int8 1.82x / 1.57x / 1.68x / 1.50x / 1.73x; int4 2.73x /
+2.40x / 2.59x / 2.49x / 2.69x; int8-saved 1.79x / 1.67x / 1.68x / 1.52x / 1.67x; int4-saved 2.85x / 2.58x / 2.83x /
+2.27x / 2.54x. One thread: bf16 27.2, int8 1.77x, int4 2.17x. So int4 now meets 2.5x in most two-thread runs and
+int8 stays short of 1.8x: our bf16 reads ~31-37 GB/s on two threads (at the probe's bandwidth), the int8 loop reaches
+~24-28 G weights/s there (its two-part activations cost 4 VPDPBUSD per 128 weights) and each step keeps ~1.5 ms
+outside the products. Peak memory unchanged (int8 1.05x the model's bytes, 0.77x the bf16 run's).
+
 2026-12-04 (session 5), Zen 4 EPYC with AVX512-BF16, ``--parts decode --threads 1 --new-tokens 64 --repeats 1
 --group-sizes 64``, a training job on the other core (load ~2): bf16 20.7 tok/s (AVX-512 bf16 GEMV at ~25 GB/s);
 int8 25.0 (1.21x bf16), int4 32.8 (1.59x), int8-saved 24.3 (1.17x), int4-saved 29.3 (1.42x): targets 1.8x / 2.5x
