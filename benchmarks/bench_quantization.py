@@ -45,8 +45,8 @@ Peak memory unchanged (int8 1.05x the model's bytes, 0.77x the bf16 run's). ``--
 2026-12-05 (session 9), after the batch-1 VNNI loops sum 16 weight rows in one tree (int4 chunks unrolled per scale
 window; warm K = 896: int4 ~26-32 -> 33-36, int8 ~30 -> 37 G weights/s) and the one-op attention half of the lean
 decode step, ``--parts decode --new-tokens 64 --repeats 1 --group-sizes 64``, torch's default two threads, five runs
-minutes apart (the first two before the attention-step op): bf16 30.8 / 33.7 / 31.7 / 39.6 / 33.6 tok/s; int8 1.82x / 1.57x / 1.68x / 1.50x / 1.73x; int4 2.73x /
-2.40x / 2.59x / 2.49x / 2.69x; int8-saved 1.79x / 1.67x / 1.68x / 1.52x / 1.67x; int4-saved 2.85x / 2.58x / 2.83x /
+minutes apart (the first two before the attention-step op): bf16 30.8 / 33.7 / 31.7 / 39.6 / 33.6 tok/s; int8
+1.82x / 1.57x / 1.68x / 1.50x / 1.73x; int4 2.73x / 2.40x / 2.59x / 2.49x / 2.69x; int8-saved 1.79x / 1.67x / 1.68x / 1.52x / 1.67x; int4-saved 2.85x / 2.58x / 2.83x /
 2.27x / 2.54x. One thread: bf16 27.2, int8 1.77x, int4 2.17x. So int4 now meets 2.5x in most two-thread runs and
 int8 stays short of 1.8x: our bf16 reads ~31-37 GB/s on two threads (at the probe's bandwidth), the int8 loop reaches
 ~24-28 G weights/s there (its two-part activations cost 4 VPDPBUSD per 128 weights) and each step keeps ~1.5 ms

@@ -9,7 +9,7 @@
 
 namespace fastllava {
 
-// q (B, H, D), k/v (B, Hkv, S, D) -> (B, H, D) in q's dtype: softmax(scale q k^T) v over the S rows valid (B, S) allows.
+// q (B, H, D), k/v (B, Hkv, S, D) -> (B, H, D) in q's dtype: softmax(scale q k^T) v over the rows valid (B, S) allows.
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                             const std::optional<at::Tensor>& valid, double scale);
 
