@@ -20,6 +20,7 @@
 
 #include "attention_avx512.h"
 #include "vector_math.h"  // exp8, exp1
+#include "vector_math_avx512.h"  // sum16
 
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")
@@ -69,24 +70,7 @@ inline void weighted_pass(const float* p, const float* rows, int64_t n, const bo
   for (int c = 0; c < NV; ++c) _mm512_storeu_ps(acc + 16 * c, a[c]);
 }
 
-// r[j] = sum of the 16 lanes of a[j], j < 16: a transpose-and-add tree (45 shuffles and adds for 16 sums).
-inline __m512 sum16(const __m512 a[16]) {
-  __m512 quads[4];
-  for (int g = 0; g < 4; ++g) {
-    const __m512* x = a + 4 * g;
-    // per 128-bit lane: pairs of partial sums of x0, x1 (and x2, x3), then one partial sum of each
-    const __m512 s01 = _mm512_add_ps(_mm512_unpacklo_ps(x[0], x[1]), _mm512_unpackhi_ps(x[0], x[1]));
-    const __m512 s23 = _mm512_add_ps(_mm512_unpacklo_ps(x[2], x[3]), _mm512_unpackhi_ps(x[2], x[3]));
-    quads[g] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(s01), _mm512_castps_pd(s23))),
-                             _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(s01), _mm512_castps_pd(s23))));
-  }
-  // quads[g] lane k = (x0, x1, x2, x3 of group g) summed over 128-bit lane k: add the four lanes
-  const __m512 u = _mm512_add_ps(_mm512_shuffle_f32x4(quads[0], quads[1], 0x88),
-                                 _mm512_shuffle_f32x4(quads[0], quads[1], 0xDD));
-  const __m512 w = _mm512_add_ps(_mm512_shuffle_f32x4(quads[2], quads[3], 0x88),
-                                 _mm512_shuffle_f32x4(quads[2], quads[3], 0xDD));
-  return _mm512_add_ps(_mm512_shuffle_f32x4(u, w, 0x88), _mm512_shuffle_f32x4(u, w, 0xDD));
-}
+using fastllava::sum16;  // r[j] = sum of the 16 lanes of a[j]
 
 inline __m512 bf16x16_to_float(const at::BFloat16* p) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(

@@ -45,6 +45,7 @@
 #include <vector>
 
 #include "gemv_avx512.h"
+#include "vector_math_avx512.h"  // sum16
 
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,bmi2")
@@ -178,25 +179,7 @@ inline void int8_row(const int8_t* w, const int8_t* hi, const int8_t* lo, const 
   for (int i = 0; i < MR; ++i) out[(m + i) * N + row] = (_mm512_reduce_add_ps(total[i]) - correction[m + i]) * row_scale;
 }
 
-// r[j] = the sum of the 16 lanes of a[j]: one transpose-and-add tree (~45 shuffles and adds, against ~8 a row for
-// separate horizontal sums).
-inline __m512 sum16(const __m512 a[16]) {
-  __m512 quads[4];
-  for (int g = 0; g < 4; ++g) {
-    const __m512* x = a + 4 * g;
-    // per 128-bit lane: pairs of partial sums of x0, x1 (and x2, x3), then one partial sum of each of the four
-    const __m512 s01 = _mm512_add_ps(_mm512_unpacklo_ps(x[0], x[1]), _mm512_unpackhi_ps(x[0], x[1]));
-    const __m512 s23 = _mm512_add_ps(_mm512_unpacklo_ps(x[2], x[3]), _mm512_unpackhi_ps(x[2], x[3]));
-    quads[g] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(s01), _mm512_castps_pd(s23))),
-                             _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(s01), _mm512_castps_pd(s23))));
-  }
-  // quads[g] 128-bit lane k holds x0..x3 of group g summed over lane k: add the four 128-bit lanes
-  const __m512 u = _mm512_add_ps(_mm512_shuffle_f32x4(quads[0], quads[1], 0x88),
-                                 _mm512_shuffle_f32x4(quads[0], quads[1], 0xDD));
-  const __m512 w = _mm512_add_ps(_mm512_shuffle_f32x4(quads[2], quads[3], 0x88),
-                                 _mm512_shuffle_f32x4(quads[2], quads[3], 0xDD));
-  return _mm512_add_ps(_mm512_shuffle_f32x4(u, w, 0x88), _mm512_shuffle_f32x4(u, w, 0xDD));
-}
+using fastllava::sum16;
 
 inline float to_float(float v) { return v; }
 inline float to_float(at::BFloat16 v) { return static_cast<float>(v); }
