@@ -181,6 +181,22 @@ inline void int8_row(const int8_t* w, const int8_t* hi, const int8_t* lo, const 
 
 using fastllava::sum16;
 
+// One x row (decode, batch 1): out[n] for n < N, 16 weight rows at a time: lanes(n, v) puts row n's 16 lane totals in
+// v, one transpose-and-add tree sums the 16 rows and finish(sums, row) stores them; rows after the last block of 16
+// go through tail(n). The weight rows stay one sequential stream (see the header for what interleaving them cost).
+template <typename Lanes, typename Finish, typename Tail>
+void one_x_row_by_sixteen(int64_t N, int64_t grain, const Lanes& lanes, const Finish& finish, const Tail& tail) {
+  const int64_t blocks = N / 16;
+  at::parallel_for(0, blocks, std::max<int64_t>(1, grain / 16), [&](int64_t begin, int64_t end) {
+    __m512 totals[16];
+    for (int64_t block = begin; block < end; ++block) {
+      for (int r = 0; r < 16; ++r) lanes(block * 16 + r, totals + r);
+      finish(sum16(totals), block * 16);
+    }
+  });
+  for (int64_t n = blocks * 16; n < N; ++n) tail(n);
+}
+
 inline float to_float(float v) { return v; }
 inline float to_float(at::BFloat16 v) { return static_cast<float>(v); }
 
@@ -286,20 +302,18 @@ void int4_all_rows(const uint8_t* codes, const Scale* scales, const Scale* zeros
     quantize_one_part(x, M, K, group, hi.data(), d.data(), x_sums.data(), q_sums.data());
   }
   const int64_t grain = std::max<int64_t>(1, (64 << 10) / std::max<int64_t>(1, K / 2));
-  if (M == 1) {  // decode, batch 1: 16 weight rows' sums at a time from one tree, as for int8
-    const int64_t blocks = N / 16;
-    at::parallel_for(0, blocks, std::max<int64_t>(1, grain / 16), [&](int64_t begin, int64_t end) {
-      __m512 lanes[16];
-      for (int64_t block = begin; block < end; ++block) {
-        for (int r = 0; r < 16; ++r)
+  if (M == 1) {
+    one_x_row_by_sixteen(
+        N, grain,
+        [&](int64_t n, __m512* lanes) {
           int4_lanes<Parts, 1, group>(codes, scales, zeros, hi.data(), lo.data(), d.data(), x_sums.data(),
-                                      q_sums.data(), K, block * 16 + r, 0, lanes + r);
-        _mm512_storeu_ps(out + block * 16, sum16(lanes));
-      }
-    });
-    for (int64_t n = blocks * 16; n < N; ++n)
-      int4_row<Parts, 1, group>(codes, scales, zeros, hi.data(), lo.data(), d.data(), x_sums.data(), q_sums.data(), K,
-                                n, 0, out, N);
+                                      q_sums.data(), K, n, 0, lanes);
+        },
+        [&](__m512 sums, int64_t row) { _mm512_storeu_ps(out + row, sums); },
+        [&](int64_t n) {
+          int4_row<Parts, 1, group>(codes, scales, zeros, hi.data(), lo.data(), d.data(), x_sums.data(),
+                                    q_sums.data(), K, n, 0, out, N);
+        });
     return;
   }
   at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
@@ -336,25 +350,17 @@ void int4_parts(int parts, const uint8_t* codes, const Scale* scales, const Scal
   else int4_dispatch<1>(codes, scales, zeros, group, x, M, N, K, out);
 }
 
-// One x row (decode, batch 1): out[row .. row + 16) per block of 16 weight rows, their lanes summed by one
-// transpose-and-add tree (~10% faster than a horizontal sum per row at K = 896; weight rows stay one sequential
-// stream: reading 2 or 4 rows side by side to share the x loads was 40-60% faster on warm caches and ~2x slower from
-// memory, where Zen 4's prefetchers lost track; a software prefetch cursor won back only part of it).
+// int8, one x row: the lanes' sums less the +128 correction, times each row's scale.
 template <typename Scale>
 void int8_one_x_row(const int8_t* weight, const Scale* row_scales, const int8_t* hi, const int8_t* lo,
                     const float* scales, float correction, int64_t N, int64_t K, int64_t grain, float* out) {
-  const int64_t blocks = N / 16;
-  at::parallel_for(0, blocks, std::max<int64_t>(1, grain / 16), [&](int64_t begin, int64_t end) {
-    __m512 lanes[16];
-    for (int64_t block = begin; block < end; ++block) {
-      const int64_t row = block * 16;
-      for (int r = 0; r < 16; ++r) int8_lanes<1>(weight, hi, lo, scales, K, row + r, 0, lanes + r);
-      const __m512 sums = _mm512_sub_ps(sum16(lanes), _mm512_set1_ps(correction));
-      _mm512_storeu_ps(out + row, _mm512_mul_ps(sums, load16(row_scales + row, 16)));
-    }
-  });
-  for (int64_t n = blocks * 16; n < N; ++n)
-    int8_row<1>(weight, hi, lo, scales, &correction, to_float(row_scales[n]), K, n, 0, out, N);
+  one_x_row_by_sixteen(
+      N, grain, [&](int64_t n, __m512* lanes) { int8_lanes<1>(weight, hi, lo, scales, K, n, 0, lanes); },
+      [&](__m512 sums, int64_t row) {
+        _mm512_storeu_ps(out + row, _mm512_mul_ps(_mm512_sub_ps(sums, _mm512_set1_ps(correction)),
+                                                  load16(row_scales + row, 16)));
+      },
+      [&](int64_t n) { int8_row<1>(weight, hi, lo, scales, &correction, to_float(row_scales[n]), K, n, 0, out, N); });
 }
 
 }  // namespace
