@@ -106,3 +106,59 @@ def test_steps_aside_where_it_would_not_match(checkpoint_factory, monkeypatch):
     assert not lean.applies(session.cache, 1)  # with autograd on (training), the module path
     monkeypatch.setitem(build._state, "loaded", False)
     assert LeanStep.build(model) is None and isinstance(StepRunner(model), StepRunner)
+
+
+def test_layers_whose_weights_are_not_adjacent_run_one_product_each(checkpoint_factory):
+    model = load(checkpoint_factory("siglip_qwen2"))  # q/k/v biases
+    for layer in model.model.language_model.layers:
+        attention, mlp = layer.self_attn, layer.mlp
+        attention.k_proj.weight.data = attention.k_proj.weight.data.clone()  # moved: no joint q/k/v view
+        mlp.up_proj.weight.data = mlp.up_proj.weight.data.clone()
+    from fastllava.models.fused_ops import joint_operator
+    attention = model.model.language_model.layers[0].self_attn
+    assert joint_operator(attention, [attention.q_proj, attention.k_proj, attention.v_proj]) is None
+    lean, module = lean_and_module_logits(model, 2)
+    assert torch.equal(lean, module)
+
+
+@pytest.mark.parametrize("fused_silu", [True, False])
+def test_either_gated_silu_matches_the_module_path(checkpoint_factory, monkeypatch, fused_silu):
+    from fastllava.models import llama
+    monkeypatch.setattr(llama, "SILU_MUL_KERNEL_FASTER", fused_silu)
+    lean, module = lean_and_module_logits(load(checkpoint_factory("clip_llama")), 2)
+    assert torch.equal(lean, module)
+
+
+def test_the_cpp_decoder_names_what_is_wrong():
+    decoder = torch.classes.fastllava.DecoderLayers(False)
+    weight = torch.zeros(8, 4, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="add_layer before its products"):
+        decoder.add_product("qkv", "gemv", weight, None, None, 0, None, [4, 2, 2])
+    decoder.add_layer(0, torch.ones(4, dtype=torch.bfloat16), 1e-6, torch.ones(4, dtype=torch.bfloat16), 1e-6, 0.5)
+    with pytest.raises(RuntimeError, match="unknown product op 'gemv_fp8'"):
+        decoder.add_product("qkv", "gemv_fp8", weight, None, None, 0, None, [8])
+    with pytest.raises(RuntimeError, match="do not add up to the weight's 8 rows"):
+        decoder.add_product("qkv", "gemv", weight, None, None, 0, None, [4, 2])
+    with pytest.raises(RuntimeError, match="gemv_int8 needs scales"):
+        decoder.add_product("o_proj", "gemv_int8", weight.to(torch.int8), None, None, 0, None, [8])
+    with pytest.raises(RuntimeError, match="unknown part 'mlp'"):
+        decoder.add_product("mlp", "gemv", weight, None, None, 0, None, [8])
+    decoder.add_product("qkv", "gemv", weight, None, None, 0, None, [4, 2, 2])
+    x = torch.zeros(1, 1, 4, dtype=torch.bfloat16)
+    cache = [torch.zeros(1, 1, 8, 2, dtype=torch.bfloat16)]
+    valid = [torch.ones(1, 1, dtype=torch.bool)]
+    cos = sin = torch.zeros(1, 1, 2, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="lm_head or final norm not set"):
+        decoder.run(x, cos, sin, cache, cache, 0, 1, valid)
+    decoder.add_product("lm_head", "gemv", weight, None, None, 0, None, [8])
+    decoder.set_final_norm(torch.ones(4, dtype=torch.bfloat16), 1e-6)
+    with pytest.raises(RuntimeError, match="layer 0 needs q/k/v, o_proj, gate/up and down products"):
+        decoder.run(x, cos, sin, cache, cache, 0, 1, valid)
+    square = torch.eye(4, dtype=torch.bfloat16)
+    decoder.add_product("o_proj", "gemv", square, None, None, 0, None, [4])
+    decoder.add_product("gate_up", "gemv", weight, None, None, 0, None, [4, 4])
+    decoder.add_product("down", "gemv", square, None, None, 0, None, [4])
+    with pytest.raises(RuntimeError, match="layer 0 has no cache or mask"):
+        decoder.run(x, cos, sin, [], [], 0, 1, valid)
+    logits = decoder.run(x, cos, sin, cache, cache, 0, 1, valid)
+    assert logits.shape == (1, 8) and logits.dtype == torch.float32

@@ -47,6 +47,12 @@ at::Tensor decode_attention_step(at::Tensor& q, at::Tensor& k, const at::Tensor&
 
 }  // namespace
 
+at::Tensor fastllava::decode_attention_step(at::Tensor& q, at::Tensor& k, const at::Tensor& v, const at::Tensor& cos,
+                                            const at::Tensor& sin, at::Tensor& keys, at::Tensor& values, int64_t slot,
+                                            int64_t kv_len, const std::optional<at::Tensor>& valid, double scale) {
+  return ::decode_attention_step(q, k, v, cos, sin, keys, values, slot, kv_len, valid, scale);
+}
+
 TORCH_LIBRARY_FRAGMENT(fastllava, m) {
   m.def("decode_attention_step(Tensor(a!) q, Tensor(b!) k, Tensor v, Tensor cos, Tensor sin, Tensor(c!) keys, "
         "Tensor(d!) values, int slot, int kv_len, Tensor? valid, float scale) -> Tensor");

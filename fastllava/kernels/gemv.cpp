@@ -24,6 +24,7 @@
 #include <torch/library.h>
 #include <immintrin.h>
 
+#include "decode_ops.h"
 #include "gemv_avx512.h"
 #include "vector_math.h"
 
@@ -670,6 +671,22 @@ at::Tensor gemv_int4_meta(const at::Tensor& x, const at::Tensor& qweight, const 
 }  // gemv_int4_q8 has the same signature and shape
 
 }  // namespace
+
+at::Tensor fastllava::gemv(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
+  return ::gemv(x, weight, bias);
+}
+at::Tensor fastllava::gemv_int8(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scales,
+                                const std::optional<at::Tensor>& bias) {
+  return ::gemv_int8(x, weight, scales, bias);
+}
+at::Tensor fastllava::gemv_int4(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                                const at::Tensor& zeros, int64_t group, const std::optional<at::Tensor>& bias) {
+  return ::gemv_int4(x, qweight, scales, zeros, group, bias);
+}
+at::Tensor fastllava::gemv_int4_q8(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                                   const at::Tensor& zeros, int64_t group, const std::optional<at::Tensor>& bias) {
+  return ::gemv_int4_q8(x, qweight, scales, zeros, group, bias);
+}
 
 TORCH_LIBRARY(fastllava, m) {
   m.def("set_avx512(bool enabled) -> bool", &set_avx512);

@@ -266,6 +266,12 @@ at::Tensor silu_mul_meta(const at::Tensor& gate, const at::Tensor&) { return at:
 
 }  // namespace
 
+at::Tensor fastllava::rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  return ::rms_norm(x, weight, eps);
+}
+
+at::Tensor fastllava::silu_mul(const at::Tensor& gate, const at::Tensor& up) { return ::silu_mul(gate, up); }
+
 void fastllava::rotary_(at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) { ::rotary_(x, cos, sin); }
 
 void fastllava::cache_write_(at::Tensor& keys, at::Tensor& values, const at::Tensor& k, const at::Tensor& v,

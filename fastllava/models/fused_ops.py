@@ -14,7 +14,7 @@ callers keep their PyTorch expressions (training, GPUs, ``FASTLLAVA_KERNELS=0``)
 
 from __future__ import annotations
 
-from typing import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -49,7 +49,32 @@ def joint_product(owner: nn.Module, names: tuple[str, ...], x: torch.Tensor) -> 
     return None if product is None else product(x)
 
 
-def joint_operator(owner: nn.Module, linears: list[nn.Module]) -> Callable[[torch.Tensor], tuple[torch.Tensor, ...]] | None:
+@dataclass(frozen=True)
+class StoredProduct:
+    """A few-row C++ product (kernels/gemv.cpp) over stored weights, bound once: the op's name, its tensors, and the
+    output widths its result is split into (one width: returned whole). Callable from Python; the lean decode
+    step hands its fields to the C++ decoder (kernels/decoder_layers.cpp)."""
+
+    op: str  # gemv, gemv_int8, gemv_int4 or gemv_int4_q8
+    weight: torch.Tensor  # (N, K) half weights, int8 weights or int4 codes
+    scales: torch.Tensor | None = None
+    zeros: torch.Tensor | None = None
+    group: int = 0  # int4 group size
+    bias: torch.Tensor | None = None
+    sizes: tuple[int, ...] = ()
+
+    def __call__(self, x: torch.Tensor):
+        ops = torch.ops.fastllava
+        if self.op == "gemv":
+            y = ops.gemv(x, self.weight, self.bias)
+        elif self.op == "gemv_int8":
+            y = ops.gemv_int8(x, self.weight, self.scales, self.bias)
+        else:
+            y = getattr(ops, self.op)(x, self.weight, self.scales, self.zeros, self.group, self.bias)
+        return y.split(self.sizes, dim=-1) if len(self.sizes) > 1 else y
+
+
+def joint_operator(owner: nn.Module, linears: list[nn.Module]) -> StoredProduct | None:
     """x -> the layers' outputs as one C++ few-row product over weights stored back to back (which
     ``models/huge_pages.py`` arranges): fastllava Linear layers of one half dtype (``gemv``), Int8Linear layers on
     the ``gemv`` kernel (``gemv_int8``, their per-row scales concatenated) or Int4Linear layers on one decode kernel
@@ -86,18 +111,39 @@ def joint_operator(owner: nn.Module, linears: list[nn.Module]) -> Callable[[torc
     if view is not None and (all(b is None for b in biases) or all(b is not None for b in biases)):
         bias = None if biases[0] is None else torch.cat([b.detach() for b in biases])
         joined = [torch.cat([t.detach() for t in group]) for group in extras]
-        sizes = [layer.out_features for layer in linears]
-        ops = torch.ops.fastllava
-        if kind is Linear:
-            product = lambda x: ops.gemv(x, view, bias).split(sizes, dim=-1)  # noqa: E731
-        elif kind is Int8Linear:
-            product = lambda x: ops.gemv_int8(x, view, joined[0], bias).split(sizes, dim=-1)  # noqa: E731
-        else:
-            op = ops.gemv_int4_q8 if linears[0].kernel == "gemv_q8" else ops.gemv_int4
-            group = linears[0].group_size
-            product = lambda x: op(x, view, joined[0], joined[1], group, bias).split(sizes, dim=-1)  # noqa: E731
+        scales, zeros = (joined + [None, None])[:2]
+        product = StoredProduct(_op_name(linears[0]), view, scales, zeros, _group(linears[0]), bias,
+                                tuple(layer.out_features for layer in linears))
     owner.__dict__["_joint_operator_cache"] = (key, product)
     return product
+
+
+def stored_product(layer: nn.Module) -> StoredProduct | None:
+    """One layer's few-row C++ product: a fastllava Linear (half weights), an Int8Linear on the ``gemv`` kernel or
+    an Int4Linear on a decode kernel; None for anything else."""
+    op = _op_name(layer)
+    if op is None:
+        return None
+    return StoredProduct(op, _stored(layer), getattr(layer, "scales", None), getattr(layer, "zeros", None),
+                         _group(layer), layer.bias, (layer.out_features,))
+
+
+def _op_name(layer: nn.Module) -> str | None:
+    """The C++ product that computes ``layer`` for a few rows, or None."""
+    from fastllava.quantization import INT4_DECODE_KERNELS, Int4Linear, Int8Linear
+
+    kernel = getattr(layer, "kernel", None)
+    if type(layer) is Linear:
+        return "gemv"
+    if type(layer) is Int8Linear and kernel == "gemv":
+        return "gemv_int8"
+    if type(layer) is Int4Linear and kernel in INT4_DECODE_KERNELS:
+        return "gemv_int4_q8" if kernel == "gemv_q8" else "gemv_int4"
+    return None
+
+
+def _group(layer: nn.Module) -> int:
+    return getattr(layer, "group_size", 0) if hasattr(layer, "qweight") else 0
 
 
 def _stored(layer: nn.Module) -> torch.Tensor | None:
