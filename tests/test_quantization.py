@@ -563,3 +563,22 @@ def test_benchmark_parts_run_on_a_toy_model(tmp_path, capsys, cpu_kernels):
     logits = bench.bench_logits(directory, prompt_tokens=8, group_sizes=[32])
     assert {(row["scheme"], row["reference"]) for row in logits} >= {("int8", "bf16"), ("int4-g32", "fp32")}
     assert all(row["rel_max_error"] < 0.5 for row in logits)
+
+
+def test_benchmark_decode_pairs_each_repeat_with_its_bf16_run(tmp_path, capsys):
+    import importlib.util
+    from pathlib import Path
+    from statistics import median
+
+    benchmarks = Path(__file__).resolve().parent.parent / "benchmarks"
+    spec = importlib.util.spec_from_file_location("bench_quantization", benchmarks / "bench_quantization.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    directory, _ = bench.make_random_checkpoint(tmp_path / "toy", bench.toy_llava_interleave_config())
+    rows = {row["scheme"]: row for row in bench.bench_decode(directory, ["bf16", "int8"], repeats=2, new_tokens=2,
+                                                              prompt_tokens=4, touch=True, threads=1)}
+    base, int8 = rows["bf16"]["decode_tok_s_all"], rows["int8"]["decode_tok_s_all"]
+    assert len(base) == len(int8) == 2 and rows["int8"]["same_tokens_every_run"]
+    assert rows["int8"]["decode_vs_bf16_paired"] == pytest.approx(median(q / b for q, b in zip(int8, base)))
+    assert rows["int8"]["decode_vs_bf16"] == pytest.approx(median(int8) / median(base))
+    assert rows["bf16"]["decode_vs_bf16_paired"] == pytest.approx(1.0)
