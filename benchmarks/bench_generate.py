@@ -45,6 +45,12 @@ step (kernels/attention_step.cpp, ~0.3 ms a token less Python): ``--threads 1``,
 6.33 (3.61x), 0.645 of 32.9 GB/s. Both cores (the default, ``--batches 1 --new-tokens 128 --repeats 1``): TTFT 3.76
 vs 4.26 s (0.883x), decode 37.02 vs 9.15 tok/s (4.04x), 34.4 GB/s = 1.02 of the 33.6 GB/s two-thread probe (the
 probe itself ranged 32.5-55.6 GB/s across sessions on this shared machine).
+Session 10 (2026-12-05), after the decode step's layers, final norm and lm_head became one C++ call
+(kernels/decoder_layers.cpp, ~1.5 ms a token less on two threads), same command: two threads (default), two runs:
+TTFT 3.62 vs 4.09 s (0.884x), decode 41.15 vs 9.74 tok/s (4.23x), 38.2 GB/s = 0.566 of a 67.4 GB/s probe (a probe
+of 35.4 GB/s just before it, 45.9 just after the next run); TTFT 3.63 vs 3.94 s (0.923x), decode 43.68 vs 9.51
+(4.59x), 40.5 GB/s = 1.185 of a 34.2 GB/s probe. One thread: TTFT 6.29 vs 7.18 s (0.875x), decode 24.13 vs 6.47
+(3.73x), 0.718 of a 31.2 GB/s probe.
 
 llava-1.5-7b, measured here 2026-12-04 (AVX512-BF16 EPYC, 2 cores, 24 GiB; ``--arch llava-1.5-7b --threads 1
 --batches 1 --new-tokens 128 --repeats 1``, warm-up on, bf16, separate processes, 594 prompt tokens), NOT quiet:

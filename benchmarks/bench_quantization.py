@@ -52,6 +52,15 @@ int8 stays short of 1.8x: our bf16 reads ~31-37 GB/s on two threads (at the prob
 ~24-28 G weights/s there (its two-part activations cost 4 VPDPBUSD per 128 weights) and each step keeps ~1.5 ms
 outside the products. Peak memory unchanged (int8 1.05x the model's bytes, 0.77x the bf16 run's).
 
+2026-12-05 (session 10), after the lean decode step's layers, final norm and lm_head became one C++ call
+(kernels/decoder_layers.cpp: int8 15.5 -> 13.9 ms, bf16 27.5 -> 25.5 ms a step in interleaved A/B runs) and with the
+new paired ratio (each repeat against its own bf16 run), ``--parts decode --new-tokens 64 --repeats 4 --group-sizes
+64``, two threads: bf16 34.7 / 50.4 / 38.2 / 34.0 tok/s; int8 1.734x (paired 1.733x), int4 2.551x (2.539x),
+int8-saved 1.942x (1.751x), int4-saved 2.619x (2.536x). Earlier runs that hour (``--repeats 3``): int8 1.63x / 1.79x,
+int4 1.87x / 2.70x, int8-saved 1.66x / 2.09x: when the machine's bandwidth is high (bf16 at 45-50 tok/s, ~47 GB/s)
+the int4 loop becomes compute-bound and its ratio drops; int8 reads at about the bf16 loop's bandwidth, so its
+ratio is bounded by (bf16 bytes + fixed time) / (int8 bytes + fixed time) with ~1 ms a step outside the products.
+
 2026-12-04 (session 5), Zen 4 EPYC with AVX512-BF16, ``--parts decode --threads 1 --new-tokens 64 --repeats 1
 --group-sizes 64``, a training job on the other core (load ~2): bf16 20.7 tok/s (AVX-512 bf16 GEMV at ~25 GB/s);
 int8 25.0 (1.21x bf16), int4 32.8 (1.59x), int8-saved 24.3 (1.17x), int4-saved 29.3 (1.42x): targets 1.8x / 2.5x
