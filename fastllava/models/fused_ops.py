@@ -82,20 +82,11 @@ def joint_operator(owner: nn.Module, linears: list[nn.Module]) -> StoredProduct 
     llava-interleave-qwen-0.5b, two threads): 169 product calls a token became 97 and ~5 us of fixed cost went with
     each. None when the layers are of mixed kinds or not adjacent. Cached on ``owner``, rebuilt when a weight moves,
     a layer's kernel is switched or a bias changes (its version counter)."""
-    from fastllava.quantization import INT4_DECODE_KERNELS, Int4Linear, Int8Linear
-
-    kind = type(linears[0])
-    if any(type(layer) is not kind for layer in linears):
+    first = linears[0]
+    op = _op_name(first)
+    if op is None or any(_op_name(layer) != op or _group(layer) != _group(first) for layer in linears):
         return None
-    if kind is Linear:
-        extra_names: tuple[str, ...] = ()
-    elif kind is Int8Linear and all(getattr(layer, "kernel", None) == "gemv" for layer in linears):
-        extra_names = ("scales",)
-    elif (kind is Int4Linear and linears[0].kernel in INT4_DECODE_KERNELS
-          and all(layer.kernel == linears[0].kernel and layer.group_size == linears[0].group_size for layer in linears)):
-        extra_names = ("scales", "zeros")
-    else:
-        return None
+    extra_names = {"gemv": (), "gemv_int8": ("scales",)}.get(op, ("scales", "zeros"))
     stored = [_stored(layer) for layer in linears]
     extras = [[getattr(layer, name) for layer in linears] for name in extra_names]
     biases = [layer.bias for layer in linears]
@@ -112,7 +103,7 @@ def joint_operator(owner: nn.Module, linears: list[nn.Module]) -> StoredProduct 
         bias = None if biases[0] is None else torch.cat([b.detach() for b in biases])
         joined = [torch.cat([t.detach() for t in group]) for group in extras]
         scales, zeros = (joined + [None, None])[:2]
-        product = StoredProduct(_op_name(linears[0]), view, scales, zeros, _group(linears[0]), bias,
+        product = StoredProduct(op, view, scales, zeros, _group(first), bias,
                                 tuple(layer.out_features for layer in linears))
     owner.__dict__["_joint_operator_cache"] = (key, product)
     return product
