@@ -212,7 +212,15 @@ def test_argmax_last_matches_torch(kernels):
     special[1, 45] = float("nan")  # a NaN in the scalar tail
     special[2, [3, 4]] = float("inf")
     special[3, 49] = 100.0  # the maximum in the tail
-    for scores in (tied, special, torch.randn(5, 40)[:, ::2]):
+    across = torch.randn(5, 1000)  # ties between lanes, chains and the tail: the first index wins
+    across[0, [700, 37, 38, 5]] = 9.0
+    across[1, [999, 996]] = 9.0
+    across[2, [64, 33]] = 9.0
+    across[3] = float("-inf")
+    across[3, [500, 300]] = float("inf")
+    across[4, [3, 900]] = float("nan")
+    few_values = torch.randint(0, 4, (8, 517)).float()  # many ties everywhere
+    for scores in (tied, special, across, few_values, torch.randn(5, 40)[:, ::2]):
         assert torch.equal(kernels.argmax_last(scores), scores.argmax(-1))
         assert torch.equal(greedy_tokens(scores), scores.argmax(-1))
     assert torch.equal(greedy_tokens(special.double()), special.double().argmax(-1))  # other dtypes: torch's

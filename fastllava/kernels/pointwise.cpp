@@ -206,31 +206,60 @@ at::Tensor silu_mul(const at::Tensor& gate, const at::Tensor& up) {
 }
 
 // ---- argmax over the last dim of (B, V) float32 scores: greedy decoding's choice ----
-// torch's CPU argmax reduces one element at a time (131 us over a 151936-word vocabulary, one Zen 4 core); here a
-// vector max pass, then the first index holding it: ~10x faster. The same answer as torch.argmax: the first index
+// torch's CPU argmax reduces one element at a time (131 us over a 151936-word vocabulary, one Zen 4 core); here one
+// vector pass that keeps each lane's first maximum. The same answer as torch.argmax: the first index
 // of the maximum, and the first NaN if there is one (NaN counts as the largest value).
 
 int64_t argmax_row(const float* row, int64_t n) {
-  __m256 best = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
-  __m256 unordered = _mm256_setzero_ps();
+  // One pass: 4 chains of 8 lanes keep each lane's largest value and the first index holding it (a later value
+  // replaces it only when strictly greater), then the 32 candidates and the scalar tail are merged, ties going to
+  // the smaller index. Measured over a 151936-word row (one Zen 4 core): 71 -> 13 us against a max pass followed
+  // by a scalar search for the maximum's first index.
+  constexpr int kChains = 4;
+  constexpr int64_t kStep = 8 * kChains;
+  float maximum = 0.f;
+  int64_t index = -1;  // none yet
+  bool nan = false;
   int64_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    const __m256 v = _mm256_loadu_ps(row + i);
-    unordered = _mm256_or_ps(unordered, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
-    best = _mm256_max_ps(best, v);
+  if (n >= kStep && n <= std::numeric_limits<int32_t>::max()) {  // int32 lane indices
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    __m256 best[kChains], unordered = _mm256_setzero_ps();
+    __m256i where[kChains];
+    for (int c = 0; c < kChains; ++c) {
+      best[c] = _mm256_loadu_ps(row + 8 * c);
+      where[c] = _mm256_add_epi32(lane, _mm256_set1_epi32(8 * c));
+      unordered = _mm256_or_ps(unordered, _mm256_cmp_ps(best[c], best[c], _CMP_UNORD_Q));
+    }
+    for (i = kStep; i + kStep <= n; i += kStep) {
+      const __m256i base = _mm256_add_epi32(lane, _mm256_set1_epi32(static_cast<int32_t>(i)));
+      for (int c = 0; c < kChains; ++c) {
+        const __m256 v = _mm256_loadu_ps(row + i + 8 * c);
+        unordered = _mm256_or_ps(unordered, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+        const __m256 greater = _mm256_cmp_ps(v, best[c], _CMP_GT_OQ);
+        best[c] = _mm256_blendv_ps(best[c], v, greater);
+        where[c] = _mm256_blendv_epi8(where[c], _mm256_add_epi32(base, _mm256_set1_epi32(8 * c)),
+                                      _mm256_castps_si256(greater));
+      }
+    }
+    nan = _mm256_movemask_ps(unordered) != 0;
+    alignas(32) float values[kStep];
+    alignas(32) int32_t indices[kStep];
+    for (int c = 0; c < kChains; ++c) {
+      _mm256_store_ps(values + 8 * c, best[c]);
+      _mm256_store_si256(reinterpret_cast<__m256i*>(indices + 8 * c), where[c]);
+    }
+    for (int j = 0; j < kStep; ++j)
+      if (index < 0 || values[j] > maximum || (values[j] == maximum && indices[j] < index))
+        maximum = values[j], index = indices[j];
   }
-  alignas(32) float lanes[8];
-  _mm256_store_ps(lanes, best);
-  float maximum = lanes[0];
-  for (int j = 1; j < 8; ++j) maximum = std::max(maximum, lanes[j]);
-  bool nan = _mm256_movemask_ps(unordered) != 0;
-  for (int64_t j = i; j < n; ++j) {
-    if (std::isnan(row[j])) nan = true;
-    else maximum = std::max(maximum, row[j]);
+  for (; i < n; ++i) {  // the tail (or a short row): later indices, so only a strictly greater value wins
+    if (std::isnan(row[i])) nan = true;
+    else if (index < 0 || row[i] > maximum) maximum = row[i], index = i;
   }
-  for (int64_t j = 0; j < n; ++j)
-    if (nan ? std::isnan(row[j]) : row[j] == maximum) return j;
-  return 0;  // n == 0 is refused by the caller
+  if (nan)
+    for (int64_t j = 0; j < n; ++j)
+      if (std::isnan(row[j])) return j;
+  return index < 0 ? 0 : index;  // index < 0: an all-NaN row returned above; n == 0 is refused by the caller
 }
 
 at::Tensor argmax_last(const at::Tensor& scores) {
