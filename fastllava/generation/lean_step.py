@@ -40,7 +40,8 @@ def _product(layer: torch.nn.Module, dtype: torch.dtype) -> tuple[StoredProduct,
     if product is None:
         raise _Unsupported(f"a {type(layer).__name__} product")
     weight = product.weight
-    if product.op == "gemv" and (weight.dtype not in HALF_DTYPES or not weight.is_contiguous() or weight.dtype != dtype):
+    if product.op == "gemv" and (weight.dtype != dtype or weight.dtype not in HALF_DTYPES
+                                 or not weight.is_contiguous()):
         raise _Unsupported(f"a {weight.dtype} linear weight")
     return product, kernel_max_rows(weight.dtype)
 

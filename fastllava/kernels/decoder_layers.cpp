@@ -42,7 +42,6 @@ struct Product {
     }
     TORCH_CHECK(false, "fastllava DecoderLayers: unknown product");
   }
-
 };
 
 // A layer's outputs that read one input (q/k/v, gate/up): one product over adjacent weights split into them, or
@@ -73,7 +72,8 @@ Product make_product(const std::string& op, at::Tensor weight, const std::option
   else if (op == "gemv_int4") p.op = Product::Op::kInt4;
   else if (op == "gemv_int4_q8") p.op = Product::Op::kInt4Q8;
   else TORCH_CHECK(false, "fastllava DecoderLayers: unknown product op '", op, "'");
-  const bool needs_scales = p.op != Product::Op::kHalf, needs_zeros = p.op == Product::Op::kInt4 || p.op == Product::Op::kInt4Q8;
+  const bool needs_scales = p.op != Product::Op::kHalf;
+  const bool needs_zeros = p.op == Product::Op::kInt4 || p.op == Product::Op::kInt4Q8;
   TORCH_CHECK(!needs_scales || scales.has_value(), "fastllava DecoderLayers: ", op, " needs scales");
   TORCH_CHECK(!needs_zeros || zeros.has_value(), "fastllava DecoderLayers: ", op, " needs zeros");
   TORCH_CHECK(weight.dim() == 2, "fastllava DecoderLayers: a product's weight must be 2-D, got ", weight.sizes());
@@ -101,7 +101,8 @@ struct DecoderLayers : torch::CustomClassHolder {
 
   void add_layer(int64_t index, at::Tensor input_norm, double input_eps, at::Tensor post_norm, double post_eps,
                  double scale) {
-    layers.push_back(Layer{index, std::move(input_norm), std::move(post_norm), input_eps, post_eps, scale, {}, {}, {}, {}});
+    layers.push_back(
+        Layer{index, std::move(input_norm), std::move(post_norm), input_eps, post_eps, scale, {}, {}, {}, {}});
     checked = false;
   }
 
@@ -126,7 +127,9 @@ struct DecoderLayers : torch::CustomClassHolder {
     checked = false;
   }
 
-  void set_final_norm(at::Tensor weight, double eps) { final_norm = std::move(weight), final_eps = eps, checked = false; }
+  void set_final_norm(at::Tensor weight, double eps) {
+    final_norm = std::move(weight), final_eps = eps, checked = false;
+  }
 
   // x (B, 1, C) embedded tokens; cos/sin the new positions' RoPE tables; keys/values/valid per layer index (the
   // cache and the (B, kv_len) masks); slot the cache row this step writes -> fp32 logits (B, V).
