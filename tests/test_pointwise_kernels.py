@@ -243,3 +243,22 @@ def test_cache_write(kernels):
         kernels.cache_write_(keys, values, k, v, 9)
     with pytest.raises(RuntimeError, match="do not fit"):
         kernels.cache_write_(keys, values, k[:, :2], v[:, :2], 0)
+
+
+def test_cache_write_strided_views_and_dtypes(kernels):
+    """Row copies into views of a larger storage (the engine's per-sequence caches) from transposed projections,
+    and ATen's converting copy where the new rows have another dtype: both must equal an index_copy_."""
+    storage = torch.zeros(2, 2, 3, 12, 8, dtype=torch.bfloat16)  # (B, k/v, heads, capacity, dim)
+    keys, values = storage[:, 0], storage[:, 1]
+    projections = torch.randn(2, 3, 2 * 3 * 8, dtype=torch.bfloat16)  # (B, T, k|v heads * dim), one joint product
+    k = projections[..., :24].view(2, 3, 3, 8).transpose(1, 2)  # (B, heads, T, dim), strided
+    v = projections[..., 24:].view(2, 3, 3, 8).transpose(1, 2)
+    want_k, want_v = keys.clone(), values.clone()
+    want_k.index_copy_(2, torch.tensor([7, 8, 9]), k.contiguous())
+    want_v.index_copy_(2, torch.tensor([7, 8, 9]), v.contiguous())
+    kernels.cache_write_(keys, values, k, v, 7)
+    assert torch.equal(keys, want_k) and torch.equal(values, want_v)
+    assert storage[:, :, :, :7].abs().sum() == 0 and storage[:, :, :, 10:].abs().sum() == 0  # nothing else touched
+    float_keys, float_values = torch.zeros(2, 3, 12, 8), torch.zeros(2, 3, 12, 8)
+    kernels.cache_write_(float_keys, float_values, k, v, 1)
+    assert torch.equal(float_keys[:, :, 1:4], k.float()) and torch.equal(float_values[:, :, 1:4], v.float())

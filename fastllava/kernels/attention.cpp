@@ -352,11 +352,13 @@ void run(const at::Tensor& qf, const at::Tensor& k, const at::Tensor& v, const s
   std::vector<uint32_t> q_pairs(task.avx512 ? static_cast<size_t>(B * H * D / 2) : 0);
   if (task.avx512) {  // (B, H, D / 2): each head's bf16 query as 32-bit pairs, unscaled
     const auto* bits = reinterpret_cast<const uint16_t*>(q.data_ptr<at::BFloat16>());
+    // strides read once: Tensor::stride() in the loop (a checked call each) was most of a short-cache step's cost
+    const int64_t sb = q.stride(0), sh = q.stride(1), sd = q.stride(2);
     for (int64_t b = 0; b < B; ++b)
       for (int64_t h = 0; h < H; ++h)
         for (int64_t d = 0; d < D; d += 2) {
-          const int64_t at = b * q.stride(0) + h * q.stride(1) + d * q.stride(2);
-          q_pairs[((b * H + h) * D + d) / 2] = bits[at] | (static_cast<uint32_t>(bits[at + q.stride(2)]) << 16);
+          const int64_t at = b * sb + h * sh + d * sd;
+          q_pairs[((b * H + h) * D + d) / 2] = bits[at] | (static_cast<uint32_t>(bits[at + sd]) << 16);
         }
   }
   task.prefetch_rows = kPrefetchBytes / std::max<int64_t>(1, task.row_bytes);
@@ -403,11 +405,10 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
   auto convert_q = [&](auto tag) {
     using T = decltype(tag);
     const T* src = q.data_ptr<T>();
+    const int64_t sb = q.stride(0), sh = q.stride(1), sd = q.stride(2);
     for (int64_t b = 0; b < B; ++b)
       for (int64_t h = 0; h < H; ++h)
-        for (int64_t d = 0; d < D; ++d)
-          qd[(b * H + h) * D + d] =
-              static_cast<float>(src[b * q.stride(0) + h * q.stride(1) + d * q.stride(2)]) * scale_f;
+        for (int64_t d = 0; d < D; ++d) qd[(b * H + h) * D + d] = static_cast<float>(src[b * sb + h * sh + d * sd]) * scale_f;
   };
   if (!avx512_loops_apply(q, k, D)) {
     switch (q.scalar_type()) {

@@ -22,6 +22,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 
 #include "decode_ops.h"
@@ -285,8 +286,29 @@ void cache_write_(at::Tensor& keys, at::Tensor& values, const at::Tensor& k, con
               "fastllava cache_write_: new keys ", k.sizes(), " do not fit the cache ", keys.sizes());
   TORCH_CHECK(slot >= 0 && slot + k.size(2) <= keys.size(2), "fastllava cache_write_: positions [", slot, ", ",
               slot + k.size(2), ") are outside the cache's ", keys.size(2));
-  keys.narrow(2, slot, k.size(2)).copy_(k);
-  values.narrow(2, slot, v.size(2)).copy_(v);
+  const bool rows_copy = k.scalar_type() == keys.scalar_type() && v.scalar_type() == values.scalar_type() &&
+                         keys.stride(3) == 1 && values.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1;
+  if (!rows_copy) {  // another dtype or strided rows: ATen converts and copies
+    keys.narrow(2, slot, k.size(2)).copy_(k);
+    values.narrow(2, slot, v.size(2)).copy_(v);
+    return;
+  }
+  // one memcpy per (sequence, head, position) row: the two copy_ dispatches cost ~2 us each, most of the work of
+  // a decode step's write (one row per head)
+  const int64_t B = k.size(0), H = k.size(1), T = k.size(2), row_bytes = k.size(3) * k.element_size();
+  auto write = [&](at::Tensor& cache, const at::Tensor& rows) {
+    auto* dst = static_cast<char*>(cache.data_ptr());
+    const auto* src = static_cast<const char*>(rows.data_ptr());
+    const int64_t item = cache.element_size();
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t h = 0; h < H; ++h)
+        for (int64_t t = 0; t < T; ++t)
+          std::memcpy(dst + (b * cache.stride(0) + h * cache.stride(1) + (slot + t) * cache.stride(2)) * item,
+                      src + (b * rows.stride(0) + h * rows.stride(1) + t * rows.stride(2)) * item,
+                      static_cast<size_t>(row_bytes));
+  };
+  write(keys, k);
+  write(values, v);
 }
 
 at::Tensor rms_norm_meta(const at::Tensor& x, const at::Tensor&, double) { return at::empty_like(x); }
