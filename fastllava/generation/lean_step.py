@@ -123,8 +123,11 @@ class LeanStep:
         x = self.embed(tokens)  # (B, 1, C)
         cos, sin = rotary_cos_sin(self.config, positions, x.dtype, inv_freq)
         masks = self.text.layer_masks(slot, cache.valid[:, :kv_len])  # (B, 1, 1, S) per layer
-        rows = {id(mask): mask.reshape(mask.shape[0], mask.shape[-1]).expand(batch, kv_len) for mask in masks}
-        valid = [rows[id(mask)] for mask in masks]  # layers of one window share their mask: one view each
+        rows: dict[int, torch.Tensor] = {}  # layers of one window share their mask: one (B, S) view each
+        for mask in masks:
+            if id(mask) not in rows:
+                rows[id(mask)] = mask.reshape(mask.shape[0], mask.shape[-1]).expand(batch, kv_len)
+        valid = [rows[id(mask)] for mask in masks]
         position = int(slot[0])  # the cache slot this step writes (one per step: slot is (1,))
         # per layer: norm, q/k/v, RoPE + cache write + attention, o_proj, norm, gate/up, SiLU, down; then the
         # final norm and lm_head on the last position (kernels/decoder_layers.cpp)
