@@ -60,3 +60,29 @@ def test_setting_and_availability(monkeypatch, tmp_path):
     assert huge_pages.huge_pages_available()
     setting.unlink()
     assert not huge_pages.huge_pages_available()  # no such file: not Linux THP
+
+
+def test_kv_cache_layers_share_one_aligned_mapping_and_keep_their_rows_when_grown(monkeypatch):
+    from fastllava.generation.kv_cache import KVCache
+
+    monkeypatch.setattr(huge_pages, "huge_pages_available", lambda: True)
+    cache = KVCache(num_layers=3, batch_size=2, num_kv_heads=4, head_dim=8, capacity=16, dtype=torch.bfloat16)
+    tensors = cache.keys + cache.values
+    assert len({mapping_of(t) for t in tensors}) == 1  # every layer's keys and values: views of one mapping
+    assert tensors[0].data_ptr() % huge_pages.HUGE_PAGE_BYTES == 0  # starts on a huge page
+    assert len({t.data_ptr() for t in tensors}) == 6 and all(t.is_contiguous() for t in tensors)
+    assert all(t.shape == (2, 4, 16, 8) and not t.any() for t in tensors)  # zeroed
+    for index, tensor in enumerate(tensors):  # no two layers overlap
+        tensor.fill_(index + 1)
+    assert [int(t[0, 0, 0, 0]) for t in tensors] == [1, 2, 3, 4, 5, 6]
+    cache.length = 5
+    cache.reserve(40)  # grows: the new tensors are again one mapping, with the written rows copied
+    grown = cache.keys + cache.values
+    assert cache.capacity == 45 and len({mapping_of(t) for t in grown}) == 1
+    for index, tensor in enumerate(grown):
+        assert torch.equal(tensor[:, :, :5], torch.full((2, 4, 5, 8), index + 1.0, dtype=torch.bfloat16))
+        assert not tensor[:, :, 5:].any()
+
+    monkeypatch.setattr(huge_pages, "huge_pages_available", lambda: False)
+    plain = KVCache(num_layers=2, batch_size=1, num_kv_heads=2, head_dim=4, capacity=8, dtype=torch.float32)
+    assert len({mapping_of(t) for t in plain.keys + plain.values}) == 4  # ordinary tensors, one each

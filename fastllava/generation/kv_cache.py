@@ -8,17 +8,35 @@ grows (doubling, one copy) only when a caller did not reserve enough; generate()
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from fastllava.config import TextConfig
+from fastllava.models.huge_pages import huge_page_bytes
+
+
+def zeroed_layers(num_layers: int, shape: tuple[int, ...], dtype: torch.dtype,
+                  device: torch.device | str) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Zeroed keys and values (``shape`` each) for every layer. On a CPU, views of one huge-page mapping where the
+    system offers huge pages: measured (llava-interleave-qwen-0.5b, two threads, greedy decode) +3% a token after
+    an 8-token prompt and +13% after 757 tokens, bf16 and int8 alike (the step reads every head's rows of every
+    layer; with 4 KiB pages most of those reads began with a TLB miss)."""
+    if torch.device(device).type == "cpu":
+        per_tensor = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        memory = huge_page_bytes(2 * num_layers * per_tensor)
+        if memory is not None:
+            layers = memory.view(dtype).view(num_layers, 2, *shape)  # anonymous memory: already zero
+            return [layers[i, 0] for i in range(num_layers)], [layers[i, 1] for i in range(num_layers)]
+    return ([torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)],
+            [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)])
 
 
 class KVCache:
     def __init__(self, num_layers: int, batch_size: int, num_kv_heads: int, head_dim: int, capacity: int,
                  dtype: torch.dtype, device: torch.device | str = "cpu"):
-        shape = (batch_size, num_kv_heads, capacity, head_dim)
-        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.keys, self.values = zeroed_layers(num_layers, (batch_size, num_kv_heads, capacity, head_dim), dtype,
+                                               device)
         self.valid = torch.zeros(batch_size, capacity, dtype=torch.bool, device=device)
         self.length = 0  # slots written so far (the same for every row)
 
@@ -49,13 +67,12 @@ class KVCache:
             return
         new_capacity = max(needed, 2 * self.capacity)
 
-        def grow(t: torch.Tensor) -> torch.Tensor:  # (B, H, capacity, D) -> (B, H, new_capacity, D)
-            bigger = t.new_zeros(t.shape[0], t.shape[1], new_capacity, t.shape[3])
-            bigger[:, :, : self.length] = t[:, :, : self.length]
-            return bigger
-
-        self.keys = [grow(t) for t in self.keys]
-        self.values = [grow(t) for t in self.values]
+        first = self.keys[0]  # (B, H, capacity, D) -> (B, H, new_capacity, D)
+        keys, values = zeroed_layers(len(self.keys), (first.shape[0], first.shape[1], new_capacity, first.shape[3]),
+                                     first.dtype, first.device)
+        for old, new in zip(self.keys + self.values, keys + values):
+            new[:, :, : self.length] = old[:, :, : self.length]
+        self.keys, self.values = keys, values
         valid = self.valid.new_zeros(self.batch_size, new_capacity)
         valid[:, : self.length] = self.valid[:, : self.length]
         self.valid = valid

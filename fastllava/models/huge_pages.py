@@ -9,6 +9,10 @@ lm_head (their codes, when quantized) are copied into one anonymous mapping advi
 at a time, each source released as soon as it is copied (the checkpoint's file pages through ``release``), so
 peak memory grows by one tensor at most. Vision weights stay where they are: they are read in large GEMMs.
 
+Decode KV caches (generation/kv_cache.py) take their memory from the same kind of mapping (``huge_page_bytes``):
+a step reads each head's rows of every layer, a few KiB per head at a 32 KiB or wider stride, so with 4 KiB pages
+nearly every head's read started with a TLB miss.
+
 ``FASTLLAVA_HUGE_PAGES=0`` turns this off; it is skipped off Linux, off CPU, or where huge pages are disabled.
 """
 
@@ -39,6 +43,22 @@ def huge_pages_available() -> bool:
         return "[never]" not in _THP_SETTING.read_text()
     except OSError:
         return False
+
+
+def huge_page_bytes(nbytes: int) -> torch.Tensor | None:
+    """``nbytes`` zeroed bytes (uint8) starting on a 2 MiB boundary of an anonymous mapping advised
+    ``MADV_HUGEPAGE``, or None where huge pages are unavailable. Views of it keep the mapping alive."""
+    if not huge_pages_available():
+        return None
+    region = mmap.mmap(-1, nbytes + HUGE_PAGE_BYTES, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    try:
+        region.madvise(mmap.MADV_HUGEPAGE)
+    except OSError:
+        region.close()
+        return None
+    base = torch.frombuffer(region, dtype=torch.uint8)  # keeps the mapping alive as long as any view of it
+    offset = -base.data_ptr() % HUGE_PAGE_BYTES  # huge pages cover 2 MiB-aligned ranges only
+    return base[offset:offset + nbytes]
 
 
 def decode_weight_slots(model: nn.Module) -> Iterator[tuple[str, nn.Module, str]]:
@@ -73,16 +93,10 @@ def move_to_huge_pages(model: nn.Module, release: Callable[[str], None] | None =
         sizes[tensor.data_ptr()] = -(-tensor.nbytes // _ALIGN) * _ALIGN
     del tensor  # no reference may outlive its copy: each source is freed right after it is copied
     total = sum(sizes.values())
-    if total == 0:
+    base = huge_page_bytes(total) if total else None
+    if base is None:
         return 0
-    region = mmap.mmap(-1, total + HUGE_PAGE_BYTES, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    try:
-        region.madvise(mmap.MADV_HUGEPAGE)
-    except OSError:
-        region.close()
-        return 0
-    base = torch.frombuffer(region, dtype=torch.uint8)  # keeps the mapping alive as long as any view of it
-    offset = -base.data_ptr() % HUGE_PAGE_BYTES  # huge pages cover 2 MiB-aligned ranges only
+    offset = 0
     from fastllava.quantization import return_free_memory
 
     done: set[int] = set()
