@@ -86,3 +86,19 @@ def test_kv_cache_layers_share_one_aligned_mapping_and_keep_their_rows_when_grow
     monkeypatch.setattr(huge_pages, "huge_pages_available", lambda: False)
     plain = KVCache(num_layers=2, batch_size=1, num_kv_heads=2, head_dim=4, capacity=8, dtype=torch.float32)
     assert len({mapping_of(t) for t in plain.keys + plain.values}) == 4  # ordinary tensors, one each
+
+
+def test_engine_sequence_kv_in_huge_pages_keeps_its_rows_when_grown(monkeypatch):
+    from fastllava.engine.kv_pool import KVPool
+
+    monkeypatch.setattr(huge_pages, "huge_pages_available", lambda: True)
+    pool = KVPool(num_layers=2, num_kv_heads=2, head_dim=8, dtype=torch.bfloat16, device="cpu",
+                  budget_bytes=1 << 20, block_size=16)
+    kv = pool.new(limit=256)
+    assert pool.grow(kv, 16)
+    assert kv.data.data_ptr() % huge_pages.HUGE_PAGE_BYTES == 0 and kv.data.is_contiguous()
+    kv.data[:, :, :, :10] = 3.0
+    kv.length = 10
+    assert pool.grow(kv, 100)
+    assert kv.data.data_ptr() % huge_pages.HUGE_PAGE_BYTES == 0 and kv.capacity >= 100
+    assert torch.equal(kv.data[:, :, :, :10], torch.full_like(kv.data[:, :, :, :10], 3.0))

@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import torch
 
+from fastllava.models.huge_pages import huge_page_tensor
+
 
 class SequenceKV:
     """Keys and values of one sequence; positions [0, length) are valid."""
@@ -101,7 +103,10 @@ class KVPool:
 
     def _resize(self, kv: SequenceKV, capacity: int) -> None:
         layers, two, heads, dim = self.shape
-        data = torch.empty(layers, two, heads, capacity, dim, dtype=self.dtype, device=self.device)
+        # on a CPU in huge pages where offered (as generate()'s caches: a decode step reads every head's rows)
+        data = huge_page_tensor((layers, two, heads, capacity, dim), self.dtype, self.device)
+        if data is None:
+            data = torch.empty(layers, two, heads, capacity, dim, dtype=self.dtype, device=self.device)
         if kv.data is not None and kv.length:
             data[:, :, :, : kv.length].copy_(kv.data[:, :, :, : kv.length])
         self.used_bytes += (capacity - kv.capacity) * self.bytes_per_token

@@ -9,7 +9,7 @@ lm_head (their codes, when quantized) are copied into one anonymous mapping advi
 at a time, each source released as soon as it is copied (the checkpoint's file pages through ``release``), so
 peak memory grows by one tensor at most. Vision weights stay where they are: they are read in large GEMMs.
 
-Decode KV caches (generation/kv_cache.py) take their memory from the same kind of mapping (``huge_page_bytes``):
+Decode KV caches (generation/kv_cache.py, engine/kv_pool.py) take their memory from the same kind of mapping (``huge_page_tensor``):
 a step reads each head's rows of every layer, a few KiB per head at a 32 KiB or wider stride, so with 4 KiB pages
 nearly every head's read started with a TLB miss.
 
@@ -18,6 +18,7 @@ nearly every head's read started with a TLB miss.
 
 from __future__ import annotations
 
+import math
 import mmap
 import os
 from pathlib import Path
@@ -59,6 +60,15 @@ def huge_page_bytes(nbytes: int) -> torch.Tensor | None:
     base = torch.frombuffer(region, dtype=torch.uint8)  # keeps the mapping alive as long as any view of it
     offset = -base.data_ptr() % HUGE_PAGE_BYTES  # huge pages cover 2 MiB-aligned ranges only
     return base[offset:offset + nbytes]
+
+
+def huge_page_tensor(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.Tensor | None:
+    """A zeroed contiguous CPU tensor in its own huge-page mapping (``huge_page_bytes``), or None (another device,
+    or no huge pages)."""
+    if torch.device(device).type != "cpu":
+        return None
+    memory = huge_page_bytes(math.prod(shape) * torch.empty((), dtype=dtype).element_size())
+    return None if memory is None else memory.view(dtype).view(shape)
 
 
 def decode_weight_slots(model: nn.Module) -> Iterator[tuple[str, nn.Module, str]]:
