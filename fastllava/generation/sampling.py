@@ -67,7 +67,8 @@ def process_scores(scores: torch.Tensor, history: torch.Tensor, new_tokens: int,
     """fp32 scores (B, V) after every processor that applies at this step."""
     scores = apply_repetition_penalty(scores, history, settings.repetition_penalty)
     if new_tokens < settings.min_new_tokens and settings.eos_token_ids:
-        scores[:, settings.eos_token_ids] = float("-inf")
+        for eos in settings.eos_token_ids:  # plain column fills: list indexing cost ~50 us a step in decode
+            scores[:, eos] = float("-inf")
     if settings.do_sample:
         scores = scores / settings.temperature
         scores = apply_top_k(scores, settings.top_k)
