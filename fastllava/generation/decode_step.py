@@ -83,12 +83,13 @@ class StepRunner:
         inv_freq = self._inv_freq
         if self.dynamic_rope:  # NTK scaling depends on the longest position so far
             inv_freq = inverse_frequencies(self.config, int(positions.max()) + 1, positions.device)
-        slot_tensor = torch.tensor([slot], device=tokens.device)
         if self.compile:  # one fixed shape per capacity
-            return self._function()(self.model, cache, tokens, positions, slot_tensor, inv_freq)
+            return self._function()(self.model, cache, tokens, positions, torch.tensor([slot], device=tokens.device),
+                                    inv_freq)
         window = eager_window(slot + 1, cache.capacity)
         if self._lean is False:
             self._lean = LeanStep.build(self.model)
         if self._lean is not None and self._lean.applies(cache, tokens.shape[0]):
-            return self._lean(cache, tokens, positions, slot_tensor, inv_freq, window)  # same logits, less Python
-        return decode_step(self.model, cache, tokens, positions, slot_tensor, inv_freq, window)
+            return self._lean(cache, tokens, positions, slot, inv_freq, window)  # same logits, less Python
+        return decode_step(self.model, cache, tokens, positions, torch.tensor([slot], device=tokens.device), inv_freq,
+                           window)

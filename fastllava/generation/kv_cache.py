@@ -33,7 +33,7 @@ class KVCache:
         self.keys, self.values = zeroed_layers(num_layers, (batch_size, num_kv_heads, capacity, head_dim), dtype,
                                                device)
         self.valid = torch.zeros(batch_size, capacity, dtype=torch.bool, device=device)
-        self.length = 0  # slots written so far (the same for every row)
+        self.length = 0  # slots written so far (the same for every row); valid[:, length:] stays False
 
     @classmethod
     def for_config(cls, config: TextConfig, batch_size: int, capacity: int, dtype: torch.dtype,

@@ -90,6 +90,7 @@ class LeanStep:
         text = model.model.language_model
         self.text, self.config = text, text.config
         self.embed = text.embed_tokens  # a module call: plain or quantized table
+        self.full_attention = all(window is None for window in text.sliding_windows)
 
     @classmethod
     def build(cls, model) -> "LeanStep | None":
@@ -116,19 +117,26 @@ class LeanStep:
         """Few enough rows for the kernels, no autograd, and a cache in the model's dtype."""
         return batch < self.max_rows and not torch.is_grad_enabled() and cache.keys[0].dtype == self.dtype
 
-    def __call__(self, cache: KVCache, tokens: torch.Tensor, positions: torch.Tensor, slot: torch.Tensor,
+    def __call__(self, cache: KVCache, tokens: torch.Tensor, positions: torch.Tensor, slot: torch.Tensor | int,
                  inv_freq: torch.Tensor, kv_len: int) -> torch.Tensor:
-        """tokens/positions (B, 1), slot (1,) -> fp32 logits (B, V), as ``decode_step`` computes them."""
+        """tokens/positions (B, 1), slot (1,) or an int -> fp32 logits (B, V), as ``decode_step`` computes them."""
         batch = tokens.shape[0]
         x = self.embed(tokens)  # (B, 1, C)
         cos, sin = rotary_cos_sin(self.config, positions, x.dtype, inv_freq)
-        masks = self.text.layer_masks(slot, cache.valid[:, :kv_len])  # (B, 1, 1, S) per layer
-        rows: dict[int, torch.Tensor] = {}  # layers of one window share their mask: one (B, S) view each
-        for mask in masks:
-            if id(mask) not in rows:
-                rows[id(mask)] = mask.reshape(mask.shape[0], mask.shape[-1]).expand(batch, kv_len)
-        valid = [rows[id(mask)] for mask in masks]
-        position = int(slot[0])  # the cache slot this step writes (one per step: slot is (1,))
+        position = slot if isinstance(slot, int) else int(slot[0])  # the cache slot this step writes
+        if self.full_attention:
+            # the new token may see every valid slot, and no slot after it is valid (KVCache keeps
+            # valid[:, length:] False), so the decoder mask is the validity row itself: one view for every layer
+            # instead of ~6 small tensor ops a token
+            valid = [cache.valid[:, :kv_len]] * len(self.text.layers)
+        else:
+            slot_tensor = slot if isinstance(slot, torch.Tensor) else torch.tensor([slot], device=tokens.device)
+            masks = self.text.layer_masks(slot_tensor, cache.valid[:, :kv_len])  # (B, 1, 1, S) per layer
+            rows: dict[int, torch.Tensor] = {}  # layers of one window share their mask: one (B, S) view each
+            for mask in masks:
+                if id(mask) not in rows:
+                    rows[id(mask)] = mask.reshape(mask.shape[0], mask.shape[-1]).expand(batch, kv_len)
+            valid = [rows[id(mask)] for mask in masks]
         # per layer: norm, q/k/v, RoPE + cache write + attention, o_proj, norm, gate/up, SiLU, down; then the
         # final norm and lm_head on the last position (kernels/decoder_layers.cpp)
         return self.decoder.run(x, cos, sin, cache.keys, cache.values, position, kv_len, valid)
