@@ -51,6 +51,10 @@ TTFT 3.62 vs 4.09 s (0.884x), decode 41.15 vs 9.74 tok/s (4.23x), 38.2 GB/s = 0.
 of 35.4 GB/s just before it, 45.9 just after the next run); TTFT 3.63 vs 3.94 s (0.923x), decode 43.68 vs 9.51
 (4.59x), 40.5 GB/s = 1.185 of a 34.2 GB/s probe. One thread: TTFT 6.29 vs 7.18 s (0.875x), decode 24.13 vs 6.47
 (3.73x), 0.718 of a 31.2 GB/s probe.
+Session 11 (2026-12-05), after the KV cache moved into huge pages (+13% a token at 757 cached tokens in interleaved
+runs) and ~0.4 ms a token less Python and op overhead around the step, two threads, ``--batches 1 --new-tokens 128
+--repeats 2 --no-multi-turn``: TTFT 3.41 vs 4.10 s (0.830x), decode 50.07 vs 9.42 tok/s (5.31x), 46.5 GB/s = 1.22 of
+a 38.0 GB/s probe.
 
 llava-1.5-7b, measured here 2026-12-04 (AVX512-BF16 EPYC, 2 cores, 24 GiB; ``--arch llava-1.5-7b --threads 1
 --batches 1 --new-tokens 128 --repeats 1``, warm-up on, bf16, separate processes, 594 prompt tokens), NOT quiet:

@@ -61,6 +61,24 @@ int4 1.87x / 2.70x, int8-saved 1.66x / 2.09x: when the machine's bandwidth is hi
 the int4 loop becomes compute-bound and its ratio drops; int8 reads at about the bf16 loop's bandwidth, so its
 ratio is bounded by (bf16 bytes + fixed time) / (int8 bytes + fixed time) with ~1 ms a step outside the products.
 
+2026-12-05 (session 11), after the KV cache moved into huge pages and ~0.4 ms a token less Python and op overhead
+around the step (cache writes by memcpy, per-step bookkeeping on Python ints, the decode mask as the validity row),
+same command, three runs of the final code: probe ~24 GB/s: bf16 35.0 / 35.1 tok/s; int8 1.951x (paired 1.926x) /
+1.856x (1.782x), int4 2.759x (2.770x) / 2.795x (2.684x), int8-saved 1.919x (1.925x) / 1.863x (1.854x), int4-saved
+2.784x (2.807x) / 2.770x (2.753x); probe ~34 GB/s, bf16 at 34-55 tok/s across the repeats: int8 1.668x (1.746x),
+int4 2.102x. Two runs earlier that hour (before the Python trims): int8 1.774x (1.766x) at bf16 ~35 tok/s, 1.420x
+(1.549x) at bf16 36-53 tok/s. So int8 meets 1.8x while the machine's bandwidth is
+the limit and falls short when it is high: then the int8 loop runs at ~20-24 GB/s a core (two-part activations:
+~19 micro-ops per 128 weights, ~7 of them loads), while bf16's VDPBF16PS loop streams ~27; int4 with int8 activations
+stays at ~100 tok/s whatever the bandwidth (compute-bound). Measured for the next step (the 97 decode products from
+huge pages, interleaved runs): two weight rows stored block-interleaved ([row 2p, block b][row 2p+1, block b], one
+sequential stream sharing the x loads) ran +18% on one thread (int8 then reads at bf16's bandwidth) and +2% on two
+threads at the memory limit; a decode layout for Int8Linear codes (tiled at load, untiled for saving, dequantizing
+and prefill) is needed for it. Tried and dropped: activation blocks of 256 columns (+6% one thread, but values next to
+a 100x outlier block lose bf16 precision), software prefetch into L2 8 KiB ahead (+18% from 4 KiB pages, -10% from
+the huge pages the weights live in), dynamic row scheduling between the threads (-10%). Peak memory: int8 1.06-1.07x
+the model's bytes, 0.78x the bf16 run's.
+
 2026-12-04 (session 5), Zen 4 EPYC with AVX512-BF16, ``--parts decode --threads 1 --new-tokens 64 --repeats 1
 --group-sizes 64``, a training job on the other core (load ~2): bf16 20.7 tok/s (AVX-512 bf16 GEMV at ~25 GB/s);
 int8 25.0 (1.21x bf16), int4 32.8 (1.59x), int8-saved 24.3 (1.17x), int4-saved 29.3 (1.42x): targets 1.8x / 2.5x
