@@ -398,7 +398,12 @@ def _flat(x: torch.Tensor, width: int) -> torch.Tensor:
 
 
 class Int8Linear(QuantizedModule):
-    """Weight-only int8 linear layer: per-output-channel symmetric codes, activations in their own dtype."""
+    """Weight-only int8 linear layer: per-output-channel symmetric codes, activations in their own dtype.
+
+    The state (and the saved format) is row-major codes. On a CPU with AVX512-VNNI, ``use_pair_layout`` stores them
+    in the decode kernel's pair layout (kernel ``gemv_pairs``, kernels/int8_pairs.cpp: the same bytes, two rows'
+    blocks side by side); ``state_dict``, ``dequantize`` and many-row products read a row-major copy.
+    """
 
     def __init__(self, in_features: int, out_features: int, bias: bool, device: Any = None):
         super().__init__()
@@ -408,25 +413,67 @@ class Int8Linear(QuantizedModule):
         self.register_buffer("bias", torch.empty(out_features, device=device) if bias else None)
 
     def finish_load(self) -> None:
+        if self.kernel == "gemv_pairs":
+            return
         self.kernel = "int8pack" if self.weight.device.type == "cpu" else "dequant"
         if self.kernel == "int8pack" and gemv_kernels_available():
             self.kernel = "gemv"
 
+    def pair_layout_applies(self) -> bool:
+        return (self.kernel == "gemv" and self.out_features % 2 == 0 and self.in_features % PAIR_BLOCK == 0
+                and self.weight.is_contiguous())
+
+    def to_pairs(self) -> None:
+        """Codes into the pair layout, in place (see the class docstring)."""
+        if self.kernel != "gemv_pairs":
+            if not self.pair_layout_applies():
+                raise QuantizationError(f"the int8 pair layout does not apply to this layer ({self.extra_repr()})")
+            torch.ops.fastllava.int8_pairs_(self.weight, True)
+            self.kernel = "gemv_pairs"
+
+    def to_rows(self) -> None:
+        """Codes back in row-major order, in place."""
+        if self.kernel == "gemv_pairs":
+            torch.ops.fastllava.int8_pairs_(self.weight, False)
+            self.kernel = "gemv"
+
+    def row_codes(self) -> torch.Tensor:
+        """The codes row-major (a copy when the layer holds the pair layout)."""
+        if self.kernel != "gemv_pairs":
+            return self.weight
+        codes = self.weight.clone()
+        torch.ops.fastllava.int8_pairs_(codes, False)
+        return codes
+
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return self.weight.to(dtype) * self.scales.to(dtype)[:, None]
+        return self.row_codes().to(dtype) * self.scales.to(dtype)[:, None]
+
+    def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.kernel == "gemv_pairs":
+            destination[prefix + "weight"] = self.row_codes()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        paired = self.kernel == "gemv_pairs"
+        if paired:  # the saved codes are row-major: copy them over row-major codes, then pair again
+            self.to_rows()
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if paired:
+            self.to_pairs()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x = _flat(x, self.in_features)
-        gemv = self.kernel == "gemv" and x.dtype in KERNEL_FLOAT_DTYPES
+        gemv = self.kernel in ("gemv", "gemv_pairs") and x.dtype in KERNEL_FLOAT_DTYPES
         if gemv and few_row_kernel_applies(x, self.weight, x.shape[0]):
-            out = torch.ops.fastllava.gemv_int8(x, self.weight, self.scales, self.bias)
+            op = torch.ops.fastllava.gemv_int8_pairs if self.kernel == "gemv_pairs" else torch.ops.fastllava.gemv_int8
+            out = op(x, self.weight, self.scales, self.bias)
             return out.reshape(*shape[:-1], self.out_features)
         scales = self.scales if self.scales.dtype == x.dtype else self.scales.to(x.dtype)
-        if self.kernel in ("int8pack", "gemv") and x.device.type == "cpu" and x.dtype in KERNEL_FLOAT_DTYPES:
-            out = torch._weight_int8pack_mm(x.contiguous(), self.weight, scales)
+        if gemv or (self.kernel == "int8pack" and x.device.type == "cpu" and x.dtype in KERNEL_FLOAT_DTYPES):
+            out = torch._weight_int8pack_mm(x.contiguous(), self.row_codes(), scales)
         else:  # per-row scales commute with the matmul: scale the (M, N) output, not the (N, K) weight
-            out = F.linear(x, self.weight.to(x.dtype)) * scales
+            out = F.linear(x, self.row_codes().to(x.dtype)) * scales
         if self.bias is not None:
             out = out + self.bias.to(out.dtype)
         return out.reshape(*shape[:-1], self.out_features)
@@ -581,6 +628,28 @@ class Int8Embedding(QuantizedModule):
         return f"{self.num_embeddings}, {self.embedding_dim}, int8"
 
 
+PAIR_BLOCK = 128  # the pair layout's block of columns (kernels/int8_pairs.cpp)
+
+
+def use_pair_layout(model: nn.Module) -> int:
+    """Switch the Int8Linear layers on the ``gemv`` kernel to the pair layout where the CPU has AVX512-VNNI (the
+    only loop that reads it fast), except those whose codes another module also holds (a tied embedding looks rows
+    up in them). Returns how many layers switched."""
+    if not gemv_kernels_available() or not torch.ops.fastllava.avx512_vnni_supported():
+        return 0
+    holders: dict[int, int] = {}
+    for module in model.modules():
+        for tensor in list(module._parameters.values()) + list(module._buffers.values()):
+            if tensor is not None and tensor.device.type == "cpu":
+                holders[tensor.data_ptr()] = holders.get(tensor.data_ptr(), 0) + 1
+    switched = 0
+    for module in model.modules():
+        if type(module) is Int8Linear and module.pair_layout_applies() and holders[module.weight.data_ptr()] == 1:
+            module.to_pairs()
+            switched += 1
+    return switched
+
+
 def set_kernel(model: nn.Module, kernel: str) -> None:
     """Switch every quantized layer to ``"dequant"`` or back to its packed CPU kernel (``"auto"``)."""
     if kernel not in ("auto", "dequant"):
@@ -591,9 +660,12 @@ def set_kernel(model: nn.Module, kernel: str) -> None:
             if kernel == "auto":
                 module.finish_load()
         elif isinstance(module, Int8Linear):
+            module.to_rows()
             module.kernel = "dequant"
             if kernel == "auto":
                 module.finish_load()
+    if kernel == "auto":
+        use_pair_layout(model)
 
 
 def quantized_modules(model: nn.Module) -> dict[str, QuantizedModule]:
@@ -822,6 +894,7 @@ class WeightQuantizer:
                 if tensor is not None and tensor.is_meta:
                     raise QuantizationError(f"{name}.{key} was not loaded: the checkpoint lacks it")
             module.finish_load()
+        use_pair_layout(model)
         model.config.quantization_config = self.qconfig.to_dict()
         return_free_memory()
 

@@ -144,10 +144,15 @@ class SafetensorsFile:
             return
         begin, end = self.entries[key]["data_offsets"]
         page = mmap.PAGESIZE
-        start = (self.data_start + begin) // page * page
-        length = self.data_start + end - start
+        # only the pages wholly inside the tensor: a page it shares with a neighbour may hold that neighbour's
+        # rewritten bytes (the map is copy-on-write and int8 codes are rearranged in place, quantization.py
+        # use_pair_layout), which dropping the page would revert to the file's
+        start = -(-(self.data_start + begin) // page) * page
+        stop = (self.data_start + end) // page * page
+        if stop <= start:
+            return
         try:
-            self._map.madvise(mmap.MADV_DONTNEED, start, length)
+            self._map.madvise(mmap.MADV_DONTNEED, start, stop - start)
         except (AttributeError, OSError, ValueError):  # madvise is advisory: not every platform has it
             pass
 

@@ -367,3 +367,41 @@ def test_a_failed_build_falls_back_with_a_warning(monkeypatch, tmp_path):
     monkeypatch.setattr(build, "_FLAGS", build._FLAGS + ["-fno-such-flag"])
     with pytest.warns(RuntimeWarning, match="C\\+\\+ kernels unavailable"):
         assert build.load() is False
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 9])
+@pytest.mark.parametrize("shape", [(2, 128), (18, 256), (34, 896), (1030, 384)])  # tails of 2 and 6 after 16s
+@pytest.mark.parametrize("scale_dtype", [torch.bfloat16, torch.float32])
+def test_int8_pair_layout_gives_the_row_layouts_results_bit_for_bit(kernels, rows, shape, scale_dtype):
+    """int8_pairs_ rearranges the codes in place and back; gemv_int8_pairs over them equals gemv_int8 over the rows
+    exactly (the same arithmetic per row), on the VNNI loop, on the float loop (float32 x) and with AVX-512 off."""
+    torch.manual_seed(rows * 31 + shape[0])
+    codes = torch.randint(-127, 128, shape, dtype=torch.int8)
+    scales, bias = torch.rand(shape[0]).to(scale_dtype) + 0.01, torch.randn(shape[0])
+    paired = codes.clone()
+    kernels.int8_pairs_(paired, True)
+    n, k = shape  # row 2p's block b sits at pair p, slot 2b; row 2p + 1's at slot 2b + 1
+    blocks = paired.view(n // 2, k // 128, 2, 128)
+    assert torch.equal(blocks[:, :, 0].reshape(n // 2, k), codes[0::2])
+    assert torch.equal(blocks[:, :, 1].reshape(n // 2, k), codes[1::2])
+    back = paired.clone()
+    kernels.int8_pairs_(back, False)
+    assert torch.equal(back, codes)
+    for x in (torch.randn(rows, k).bfloat16(), torch.randn(rows, k)):
+        assert torch.equal(kernels.gemv_int8_pairs(x, paired, scales, bias), kernels.gemv_int8(x, codes, scales, bias))
+        previous = kernels.set_avx512(False)
+        try:
+            assert torch.equal(kernels.gemv_int8_pairs(x, paired, scales), kernels.gemv_int8(x, codes, scales))
+        finally:
+            kernels.set_avx512(previous)
+
+
+def test_int8_pair_layout_refuses_what_it_cannot_hold(kernels):
+    with pytest.raises(RuntimeError, match="even number of rows"):
+        kernels.int8_pairs_(torch.zeros(3, 128, dtype=torch.int8), True)
+    with pytest.raises(RuntimeError, match="multiple of 128 columns"):
+        kernels.int8_pairs_(torch.zeros(4, 96, dtype=torch.int8), True)
+    with pytest.raises(RuntimeError, match="contiguous 2-D int8"):
+        kernels.int8_pairs_(torch.zeros(4, 128), True)
+    with pytest.raises(RuntimeError, match="pair-layout weight"):
+        kernels.gemv_int8_pairs(torch.randn(1, 128), torch.zeros(3, 128, dtype=torch.int8), torch.ones(3))

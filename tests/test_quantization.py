@@ -116,7 +116,9 @@ def _fake_quantized_float_model(directory, quantized):
 def test_packed_kernels_equal_matmul_with_the_dequantized_weights(checkpoint_factory, family, scheme, cpu_kernels):
     directory = checkpoint_factory(family)
     quantized = load(directory, scheme)
-    kernels = {module.kernel for module in quantized_modules(quantized).values()}
+    # gemv_pairs: the gemv kernel over codes stored in the pair layout (test_int8_pair_layout)
+    kernels = {"gemv" if module.kernel == "gemv_pairs" else module.kernel
+               for module in quantized_modules(quantized).values()}
     expected = "gemv" if cpu_kernels == "fastllava-gemv" else "int8pack" if scheme[0] == "int8" else "int4pack"
     if expected == "gemv" and scheme[0] == "int4":
         assert kernels == {"lookup", "gemv_q8"}  # the default: int8 activations
@@ -582,3 +584,60 @@ def test_benchmark_decode_pairs_each_repeat_with_its_bf16_run(tmp_path, capsys):
     assert rows["int8"]["decode_vs_bf16_paired"] == pytest.approx(median(q / b for q, b in zip(int8, base)))
     assert rows["int8"]["decode_vs_bf16"] == pytest.approx(median(int8) / median(base))
     assert rows["bf16"]["decode_vs_bf16_paired"] == pytest.approx(1.0)
+
+
+def _pair_layout_expected() -> bool:
+    from fastllava.kernels.build import gemv_kernels_available
+
+    return gemv_kernels_available() and torch.ops.fastllava.avx512_vnni_supported()
+
+
+def test_int8_pair_layout_changes_only_how_codes_are_stored(checkpoint_factory, monkeypatch, tmp_path):
+    """Where the CPU has AVX512-VNNI, int8 layers whose shape allows it keep their codes in the pair layout:
+    the state, the saved checkpoint, the logits (many-row products), greedy tokens (few-row products) and the
+    dequantize path are those of the row layout exactly."""
+    directory = checkpoint_factory("clip_llama_wide")
+    paired = load(directory, ("int8", None), dtype=torch.bfloat16)
+    with monkeypatch.context() as patch:
+        patch.setattr(q, "use_pair_layout", lambda model: 0)
+        rows = load(directory, ("int8", None), dtype=torch.bfloat16)
+    down, row_down = (m.model.language_model.layers[0].mlp.down_proj for m in (paired, rows))  # 384 -> 256
+    kinds = {module.kernel for module in quantized_modules(paired).values()}
+    if _pair_layout_expected():
+        assert kinds == {"gemv_pairs", "lookup"}  # every text linear layer and the head; the embedding looks up
+        assert not torch.equal(down.weight, row_down.weight)  # three blocks a row: rearranged
+    else:
+        assert "gemv_pairs" not in kinds
+    assert torch.equal(down.row_codes(), row_down.weight)
+    state, row_state = paired.state_dict(), rows.state_dict()
+    assert state.keys() == row_state.keys() and all(torch.equal(state[key], row_state[key]) for key in state)
+    assert torch.equal(logits(paired)[0], logits(rows)[0])
+    ids = torch.randint(5, paired.config.text_config.vocab_size - 5, (2, 7))
+    assert torch.equal(paired.generate(input_ids=ids, max_new_tokens=6, do_sample=False),
+                       rows.generate(input_ids=ids, max_new_tokens=6, do_sample=False))
+    paired.save_pretrained(tmp_path / "saved")
+    reloaded = LM.from_pretrained(tmp_path / "saved", dtype=torch.bfloat16)
+    assert reloaded.model.language_model.layers[0].mlp.down_proj.kernel == down.kernel
+    assert torch.equal(reloaded.model.language_model.layers[0].mlp.down_proj.row_codes(), row_down.weight)
+    down.load_state_dict(row_down.state_dict())  # row-major codes loaded into a paired layer stay correct
+    assert torch.equal(down.row_codes(), row_down.weight) and down.kernel in ("gemv", "gemv_pairs")
+    set_kernel(paired, "dequant")
+    assert down.kernel == "dequant" and torch.equal(down.weight, row_down.weight)
+    set_kernel(paired, "auto")
+    assert down.kernel == ("gemv_pairs" if _pair_layout_expected() else "gemv")
+    assert torch.equal(logits(paired)[0], logits(rows)[0])
+
+
+def test_int8_pair_layout_leaves_codes_another_module_holds():
+    """A tied embedding looks rows up in the head's codes: those stay row-major."""
+    torch.manual_seed(0)
+    owner = nn.Module()
+    owner.head, owner.free = Int8Linear(128, 6, bias=False), Int8Linear(128, 6, bias=False)
+    owner.embed = Int8Embedding(6, 128)
+    for layer in (owner.head, owner.free):
+        layer.weight, layer.scales = torch.randint(-127, 128, (6, 128), dtype=torch.int8), torch.rand(6) + 0.1
+        layer.finish_load()
+    owner.embed.weight, owner.embed.scales = owner.head.weight, owner.head.scales.clone()
+    switched = q.use_pair_layout(owner)
+    assert owner.head.kernel == "gemv"
+    assert (switched, owner.free.kernel) == ((1, "gemv_pairs") if _pair_layout_expected() else (0, "gemv"))

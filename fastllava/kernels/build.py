@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 SOURCES = ("gemv.cpp", "gemv_avx512.cpp", "gemv_vnni.cpp", "resample.cpp", "attention.cpp", "attention_avx512.cpp",
-           "prefill_attention.cpp", "pointwise.cpp", "attention_step.cpp", "decoder_layers.cpp")
+           "prefill_attention.cpp", "pointwise.cpp", "attention_step.cpp", "decoder_layers.cpp", "int8_pairs.cpp")
 HEADERS = ("vector_math.h", "vector_math_avx512.h", "gemv_avx512.h", "attention_avx512.h", "decode_ops.h")
 _OPENMP = ["-fopenmp"] if "OpenMP" in torch.__config__.parallel_info() else []
 _FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-std=c++17", "-ffp-contract=off"] + _OPENMP

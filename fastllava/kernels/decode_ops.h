@@ -20,6 +20,11 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
 at::Tensor gemv(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias);
 at::Tensor gemv_int8(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scales,
                      const std::optional<at::Tensor>& bias);
+// gemv_int8 over a weight in the pair layout (int8_pairs.cpp).
+at::Tensor gemv_int8_pairs(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scales,
+                           const std::optional<at::Tensor>& bias);
+// int8 weight (N, K) rearranged in place into the pair layout (to_pairs) or back to rows.
+void int8_pairs_(at::Tensor& weight, bool to_pairs);
 at::Tensor gemv_int4(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales, const at::Tensor& zeros,
                      int64_t group, const std::optional<at::Tensor>& bias);
 at::Tensor gemv_int4_q8(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,

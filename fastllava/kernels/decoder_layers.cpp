@@ -27,7 +27,7 @@ namespace {
 
 // One few-row product over stored weights, and the output widths it is split into (one entry: not split).
 struct Product {
-  enum class Op { kHalf, kInt8, kInt4, kInt4Q8 } op = Op::kHalf;
+  enum class Op { kHalf, kInt8, kInt8Pairs, kInt4, kInt4Q8 } op = Op::kHalf;
   at::Tensor weight, scales, zeros;
   std::optional<at::Tensor> bias;
   int64_t group = 0;
@@ -37,6 +37,7 @@ struct Product {
     switch (op) {
       case Op::kHalf: return fastllava::gemv(x, weight, bias);
       case Op::kInt8: return fastllava::gemv_int8(x, weight, scales, bias);
+      case Op::kInt8Pairs: return fastllava::gemv_int8_pairs(x, weight, scales, bias);
       case Op::kInt4: return fastllava::gemv_int4(x, weight, scales, zeros, group, bias);
       case Op::kInt4Q8: return fastllava::gemv_int4_q8(x, weight, scales, zeros, group, bias);
     }
@@ -69,6 +70,7 @@ Product make_product(const std::string& op, at::Tensor weight, const std::option
   Product p;
   if (op == "gemv") p.op = Product::Op::kHalf;
   else if (op == "gemv_int8") p.op = Product::Op::kInt8;
+  else if (op == "gemv_int8_pairs") p.op = Product::Op::kInt8Pairs;
   else if (op == "gemv_int4") p.op = Product::Op::kInt4;
   else if (op == "gemv_int4_q8") p.op = Product::Op::kInt4Q8;
   else TORCH_CHECK(false, "fastllava DecoderLayers: unknown product op '", op, "'");

@@ -294,8 +294,11 @@ at::Tensor gemv(const at::Tensor& x, const at::Tensor& weight, const std::option
   return finish(out, x, N, bias);
 }
 
-at::Tensor gemv_int8(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scales,
-                     const std::optional<at::Tensor>& bias) {
+// pairs: the weight is in int8_pairs.cpp's pair layout. Only the VNNI loop reads it; the others get a row-major copy
+// (a CPU without AVX512-VNNI never stores the layout, see quantization.Int8Linear: this is for tests and
+// set_avx512(False)).
+at::Tensor gemv_int8_impl(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scales,
+                          const std::optional<at::Tensor>& bias, bool pairs) {
   check_cpu(weight, "weight");
   TORCH_CHECK(weight.scalar_type() == at::kChar && weight.dim() == 2, "gemv_int8 needs a 2-D int8 weight");
   const int64_t N = weight.size(0), K = weight.size(1);
@@ -308,12 +311,30 @@ at::Tensor gemv_int8(const at::Tensor& x, const at::Tensor& weight, const at::Te
   if (x.scalar_type() != at::kFloat && use_avx512.load() && fastllava::avx512_vnni_supported() && K % 128 == 0 &&
       (float_scales || scales.scalar_type() == at::kBFloat16) && scales.is_contiguous()) {
     fastllava::gemv_int8_vnni(weight.data_ptr<int8_t>(), scales.data_ptr(), float_scales, xf.data_ptr<float>(), M, N,
-                              K, out.data_ptr<float>());  // scaled in the kernel: no per-call dispatched ops
+                              K, out.data_ptr<float>(), pairs);  // scaled in the kernel: no per-call dispatched ops
   } else {
-    dot_all_rows(Int8Weights{weight.data_ptr<int8_t>(), K}, xf.data_ptr<float>(), M, N, K, out.data_ptr<float>());
+    at::Tensor rows = weight;
+    if (pairs) {
+      rows = weight.clone();
+      fastllava::int8_pairs_(rows, false);
+    }
+    dot_all_rows(Int8Weights{rows.data_ptr<int8_t>(), K}, xf.data_ptr<float>(), M, N, K, out.data_ptr<float>());
     out.mul_(scales.to(at::kFloat).reshape({1, N}));
   }
   return finish(out, x, N, bias);
+}
+
+at::Tensor gemv_int8(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scales,
+                     const std::optional<at::Tensor>& bias) {
+  return gemv_int8_impl(x, weight, scales, bias, false);
+}
+
+at::Tensor gemv_int8_pairs(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scales,
+                           const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(weight.dim() == 2 && weight.size(0) % 2 == 0 && weight.size(1) % 128 == 0,
+              "gemv_int8_pairs: a pair-layout weight has an even number of rows and a multiple of 128 columns, got ",
+              weight.sizes());
+  return gemv_int8_impl(x, weight, scales, bias, true);
 }
 
 // int4: per 16 columns, 8 bytes hold columns 2j (low nibble) and 2j+1 (high); x is read in the matching order
@@ -679,6 +700,10 @@ at::Tensor fastllava::gemv_int8(const at::Tensor& x, const at::Tensor& weight, c
                                 const std::optional<at::Tensor>& bias) {
   return ::gemv_int8(x, weight, scales, bias);
 }
+at::Tensor fastllava::gemv_int8_pairs(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scales,
+                                      const std::optional<at::Tensor>& bias) {
+  return ::gemv_int8_pairs(x, weight, scales, bias);
+}
 at::Tensor fastllava::gemv_int4(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                                 const at::Tensor& zeros, int64_t group, const std::optional<at::Tensor>& bias) {
   return ::gemv_int4(x, qweight, scales, zeros, group, bias);
@@ -694,6 +719,7 @@ TORCH_LIBRARY(fastllava, m) {
   m.def("avx512_vnni_supported() -> bool", &fastllava::avx512_vnni_supported);
   m.def("gemv(Tensor x, Tensor weight, Tensor? bias=None) -> Tensor");
   m.def("gemv_int8(Tensor x, Tensor weight, Tensor scales, Tensor? bias=None) -> Tensor");
+  m.def("gemv_int8_pairs(Tensor x, Tensor weight, Tensor scales, Tensor? bias=None) -> Tensor");
   m.def("gemv_int4(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, int group, Tensor? bias=None) -> Tensor");
   m.def("gemv_int4_q8(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, int group, Tensor? bias=None) -> Tensor");
 }
@@ -701,6 +727,7 @@ TORCH_LIBRARY(fastllava, m) {
 TORCH_LIBRARY_IMPL(fastllava, CPU, m) {
   m.impl("gemv", &gemv);
   m.impl("gemv_int8", &gemv_int8);
+  m.impl("gemv_int8_pairs", &gemv_int8_pairs);
   m.impl("gemv_int4", &gemv_int4);
   m.impl("gemv_int4_q8", &gemv_int4_q8);
 }
@@ -708,6 +735,7 @@ TORCH_LIBRARY_IMPL(fastllava, CPU, m) {
 TORCH_LIBRARY_IMPL(fastllava, Meta, m) {
   m.impl("gemv", &gemv_meta);
   m.impl("gemv_int8", &gemv_int8_meta);
+  m.impl("gemv_int8_pairs", &gemv_int8_meta);
   m.impl("gemv_int4", &gemv_int4_meta);
   m.impl("gemv_int4_q8", &gemv_int4_meta);
 }

@@ -25,9 +25,10 @@ void gemv_int4_bf16_avx512(const uint8_t* codes, const void* scales, const void*
 bool avx512_vnni_supported();
 
 // out (M, N) float32 = x (M, K) float32 @ (int8 weight (N, K) * scales (N,) float32 or bf16)^T; K a multiple of
-// 128; x rounded to two int8 parts per 128 columns (gemv_vnni.cpp). Rows split across threads.
+// 128; x rounded to two int8 parts per 128 columns (gemv_vnni.cpp). Rows split across threads. `pairs`: the weight is
+// in int8_pairs.cpp's pair layout (N even).
 void gemv_int8_vnni(const int8_t* weight, const void* scales, bool float_scales, const float* x, int64_t M, int64_t N,
-                    int64_t K, float* out);
+                    int64_t K, float* out, bool pairs = false);
 
 // out (M, N) float32 = x (M, K) float32 @ int4 weights^T (gemv.cpp's layout and formula), K a multiple of 128,
 // group 32/64/128/256, scales/zeros float32 (float_scales) or bf16. parts 1: x rounded to int8 per 32 columns

@@ -148,17 +148,26 @@ void quantize_one_part(const float* x, int64_t M, int64_t K, int64_t group, int8
     }
 }
 
+// Where weight row `row`'s 128 columns from k start: row-major, or in the pair layout (Pairs: rows 2p and 2p + 1
+// stored block by block, [2p, block b][2p + 1, block b], so one sequential stream feeds two rows; see
+// kernels/int8_pairs.cpp).
+template <bool Pairs>
+inline const int8_t* int8_block(const int8_t* w, int64_t K, int64_t row, int64_t k) {
+  if constexpr (Pairs) return w + (row & ~int64_t{1}) * K + 2 * k + (row & 1) * kBlock;
+  else return w + row * K + k;
+}
+
 // Weight row `row` against x rows [m, m + MR): each x row's 16 lane totals. Per 128 columns and x row: lane =
 // 256 (w+128).hi + (w+128).lo over its 8 columns (|lane| < 2^27), converted once and scaled by the block's d / 256.
-template <int MR>
+template <int MR, bool Pairs>
 inline void int8_lanes(const int8_t* w, const int8_t* hi, const int8_t* lo, const float* scales, int64_t K,
                        int64_t row, int64_t m, __m512* total) {
   const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
   for (int i = 0; i < MR; ++i) total[i] = _mm512_setzero_ps();
-  const int8_t* wr = w + row * K;
   for (int64_t k = 0, b = 0; k < K; k += kBlock, ++b) {
-    const __m512i w0 = _mm512_xor_si512(_mm512_loadu_si512(wr + k), flip);
-    const __m512i w1 = _mm512_xor_si512(_mm512_loadu_si512(wr + k + 64), flip);
+    const int8_t* wb = int8_block<Pairs>(w, K, row, k);
+    const __m512i w0 = _mm512_xor_si512(_mm512_loadu_si512(wb), flip);
+    const __m512i w1 = _mm512_xor_si512(_mm512_loadu_si512(wb + 64), flip);
     for (int i = 0; i < MR; ++i) {
       const int64_t base = (m + i) * K + k;
       __m512i acc = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w0, _mm512_loadu_si512(hi + base));
@@ -170,12 +179,36 @@ inline void int8_lanes(const int8_t* w, const int8_t* hi, const int8_t* lo, cons
   }
 }
 
+// One x row against the two rows of a pair (pair layout, `row` even): int8_lanes<1>'s sums for both, each x block
+// loaded once for the two. The arithmetic per row is int8_lanes' exactly, so the results are the same bit for bit.
+inline void int8_pair_lanes(const int8_t* w, const int8_t* hi, const int8_t* lo, const float* scales, int64_t K,
+                            int64_t row, __m512* total) {
+  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
+  total[0] = total[1] = _mm512_setzero_ps();
+  const int8_t* pair = w + row * K;
+  for (int64_t k = 0, b = 0; k < K; k += kBlock, ++b) {
+    const __m512i h0 = _mm512_loadu_si512(hi + k), h1 = _mm512_loadu_si512(hi + k + 64);
+    const __m512i l0 = _mm512_loadu_si512(lo + k), l1 = _mm512_loadu_si512(lo + k + 64);
+    const __m512 scale = _mm512_set1_ps(scales[b]);
+    for (int r = 0; r < 2; ++r) {
+      const int8_t* wb = pair + 2 * k + r * kBlock;
+      const __m512i w0 = _mm512_xor_si512(_mm512_loadu_si512(wb), flip);
+      const __m512i w1 = _mm512_xor_si512(_mm512_loadu_si512(wb + 64), flip);
+      __m512i acc = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w0, h0);
+      acc = _mm512_dpbusd_epi32(acc, w1, h1);
+      acc = _mm512_dpbusd_epi32(_mm512_slli_epi32(acc, 8), w0, l0);
+      acc = _mm512_dpbusd_epi32(acc, w1, l1);
+      total[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), scale, total[r]);
+    }
+  }
+}
+
 // out[m + i, row] for x rows [m, m + MR): the lanes summed, the +128 removed, times the row's scale.
-template <int MR>
+template <int MR, bool Pairs>
 inline void int8_row(const int8_t* w, const int8_t* hi, const int8_t* lo, const float* scales, const float* correction,
                      float row_scale, int64_t K, int64_t row, int64_t m, float* out, int64_t N) {
   __m512 total[MR];
-  int8_lanes<MR>(w, hi, lo, scales, K, row, m, total);
+  int8_lanes<MR, Pairs>(w, hi, lo, scales, K, row, m, total);
   for (int i = 0; i < MR; ++i) out[(m + i) * N + row] = (_mm512_reduce_add_ps(total[i]) - correction[m + i]) * row_scale;
 }
 
@@ -184,13 +217,14 @@ using fastllava::sum16;
 // One x row (decode, batch 1): out[n] for n < N, 16 weight rows at a time: lanes(n, v) puts row n's 16 lane totals in
 // v, one transpose-and-add tree sums the 16 rows and finish(sums, row) stores them; rows after the last block of 16
 // go through tail(n). The weight rows stay one sequential stream (see the header for what interleaving them cost).
-template <typename Lanes, typename Finish, typename Tail>
+// With Step 2, lanes(n, v) fills rows n and n + 1 (v[0], v[1]).
+template <int Step = 1, typename Lanes, typename Finish, typename Tail>
 void one_x_row_by_sixteen(int64_t N, int64_t grain, const Lanes& lanes, const Finish& finish, const Tail& tail) {
   const int64_t blocks = N / 16;
   at::parallel_for(0, blocks, std::max<int64_t>(1, grain / 16), [&](int64_t begin, int64_t end) {
     __m512 totals[16];
     for (int64_t block = begin; block < end; ++block) {
-      for (int r = 0; r < 16; ++r) lanes(block * 16 + r, totals + r);
+      for (int r = 0; r < 16; r += Step) lanes(block * 16 + r, totals + r);
       finish(sum16(totals), block * 16);
     }
   });
@@ -350,17 +384,57 @@ void int4_parts(int parts, const uint8_t* codes, const Scale* scales, const Scal
   else int4_dispatch<1>(codes, scales, zeros, group, x, M, N, K, out);
 }
 
-// int8, one x row: the lanes' sums less the +128 correction, times each row's scale.
-template <typename Scale>
+// int8, one x row: the lanes' sums less the +128 correction, times each row's scale (pair layout: two rows a pass).
+template <bool Pairs, typename Scale>
 void int8_one_x_row(const int8_t* weight, const Scale* row_scales, const int8_t* hi, const int8_t* lo,
                     const float* scales, float correction, int64_t N, int64_t K, int64_t grain, float* out) {
-  one_x_row_by_sixteen(
-      N, grain, [&](int64_t n, __m512* lanes) { int8_lanes<1>(weight, hi, lo, scales, K, n, 0, lanes); },
-      [&](__m512 sums, int64_t row) {
-        _mm512_storeu_ps(out + row, _mm512_mul_ps(_mm512_sub_ps(sums, _mm512_set1_ps(correction)),
-                                                  load16(row_scales + row, 16)));
-      },
-      [&](int64_t n) { int8_row<1>(weight, hi, lo, scales, &correction, to_float(row_scales[n]), K, n, 0, out, N); });
+  auto finish = [&](__m512 sums, int64_t row) {
+    _mm512_storeu_ps(out + row, _mm512_mul_ps(_mm512_sub_ps(sums, _mm512_set1_ps(correction)),
+                                              load16(row_scales + row, 16)));
+  };
+  auto tail = [&](int64_t n) {
+    int8_row<1, Pairs>(weight, hi, lo, scales, &correction, to_float(row_scales[n]), K, n, 0, out, N);
+  };
+  if constexpr (Pairs)
+    one_x_row_by_sixteen<2>(
+        N, grain, [&](int64_t n, __m512* lanes) { int8_pair_lanes(weight, hi, lo, scales, K, n, lanes); }, finish,
+        tail);
+  else
+    one_x_row_by_sixteen(
+        N, grain, [&](int64_t n, __m512* lanes) { int8_lanes<1, false>(weight, hi, lo, scales, K, n, 0, lanes); },
+        finish, tail);
+}
+
+template <bool Pairs>
+void gemv_int8_layout(const int8_t* weight, const void* row_scales, bool float_scales, const float* x, int64_t M,
+                      int64_t N, int64_t K, float* out) {
+  std::vector<int8_t> hi(static_cast<size_t>(M * K)), lo(static_cast<size_t>(M * K));
+  std::vector<float> scales(static_cast<size_t>(M * (K / kBlock))), correction(static_cast<size_t>(M));
+  split_rows(x, M, K, hi.data(), lo.data(), scales.data(), correction.data());
+  // runs of >= 64 KiB of weights per task: a small layer is not worth waking a second thread for
+  const int64_t grain = std::max<int64_t>(1, (64 << 10) / std::max<int64_t>(1, K));
+  if (M == 1) {
+    if (float_scales)
+      int8_one_x_row<Pairs>(weight, static_cast<const float*>(row_scales), hi.data(), lo.data(), scales.data(),
+                            correction[0], N, K, grain, out);
+    else
+      int8_one_x_row<Pairs>(weight, static_cast<const at::BFloat16*>(row_scales), hi.data(), lo.data(), scales.data(),
+                            correction[0], N, K, grain, out);
+    return;
+  }
+  at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      const float scale = float_scales ? static_cast<const float*>(row_scales)[n]
+                                       : static_cast<float>(static_cast<const at::BFloat16*>(row_scales)[n]);
+      int64_t m = 0;
+      for (; m + 4 <= M; m += 4)
+        int8_row<4, Pairs>(weight, hi.data(), lo.data(), scales.data(), correction.data(), scale, K, n, m, out, N);
+      for (; m + 2 <= M; m += 2)
+        int8_row<2, Pairs>(weight, hi.data(), lo.data(), scales.data(), correction.data(), scale, K, n, m, out, N);
+      for (; m < M; ++m)
+        int8_row<1, Pairs>(weight, hi.data(), lo.data(), scales.data(), correction.data(), scale, K, n, m, out, N);
+    }
+  });
 }
 
 }  // namespace
@@ -377,34 +451,9 @@ bool avx512_vnni_supported() {
 }
 
 void gemv_int8_vnni(const int8_t* weight, const void* row_scales, bool float_scales, const float* x, int64_t M,
-                    int64_t N, int64_t K, float* out) {
-  std::vector<int8_t> hi(static_cast<size_t>(M * K)), lo(static_cast<size_t>(M * K));
-  std::vector<float> scales(static_cast<size_t>(M * (K / kBlock))), correction(static_cast<size_t>(M));
-  split_rows(x, M, K, hi.data(), lo.data(), scales.data(), correction.data());
-  // runs of >= 64 KiB of weights per task: a small layer is not worth waking a second thread for
-  const int64_t grain = std::max<int64_t>(1, (64 << 10) / std::max<int64_t>(1, K));
-  if (M == 1) {
-    if (float_scales)
-      int8_one_x_row(weight, static_cast<const float*>(row_scales), hi.data(), lo.data(), scales.data(), correction[0],
-                     N, K, grain, out);
-    else
-      int8_one_x_row(weight, static_cast<const at::BFloat16*>(row_scales), hi.data(), lo.data(), scales.data(),
-                     correction[0], N, K, grain, out);
-    return;
-  }
-  at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t n = begin; n < end; ++n) {
-      const float scale = float_scales ? static_cast<const float*>(row_scales)[n]
-                                       : static_cast<float>(static_cast<const at::BFloat16*>(row_scales)[n]);
-      int64_t m = 0;
-      for (; m + 4 <= M; m += 4)
-        int8_row<4>(weight, hi.data(), lo.data(), scales.data(), correction.data(), scale, K, n, m, out, N);
-      for (; m + 2 <= M; m += 2)
-        int8_row<2>(weight, hi.data(), lo.data(), scales.data(), correction.data(), scale, K, n, m, out, N);
-      for (; m < M; ++m)
-        int8_row<1>(weight, hi.data(), lo.data(), scales.data(), correction.data(), scale, K, n, m, out, N);
-    }
-  });
+                    int64_t N, int64_t K, float* out, bool pairs) {
+  if (pairs) gemv_int8_layout<true>(weight, row_scales, float_scales, x, M, N, K, out);
+  else gemv_int8_layout<false>(weight, row_scales, float_scales, x, M, N, K, out);
 }
 
 void gemv_int4_vnni(const uint8_t* codes, const void* scales, const void* zeros, bool float_scales, int64_t group,

@@ -55,7 +55,7 @@ class StoredProduct:
     output widths its result is split into (one width: returned whole). Callable from Python; the lean decode
     step hands its fields to the C++ decoder (kernels/decoder_layers.cpp)."""
 
-    op: str  # gemv, gemv_int8, gemv_int4 or gemv_int4_q8
+    op: str  # gemv, gemv_int8, gemv_int8_pairs, gemv_int4 or gemv_int4_q8
     weight: torch.Tensor  # (N, K) half weights, int8 weights or int4 codes
     scales: torch.Tensor | None = None
     zeros: torch.Tensor | None = None
@@ -67,8 +67,8 @@ class StoredProduct:
         ops = torch.ops.fastllava
         if self.op == "gemv":
             y = ops.gemv(x, self.weight, self.bias)
-        elif self.op == "gemv_int8":
-            y = ops.gemv_int8(x, self.weight, self.scales, self.bias)
+        elif self.op in ("gemv_int8", "gemv_int8_pairs"):
+            y = getattr(ops, self.op)(x, self.weight, self.scales, self.bias)
         else:
             y = getattr(ops, self.op)(x, self.weight, self.scales, self.zeros, self.group, self.bias)
         return y.split(self.sizes, dim=-1) if len(self.sizes) > 1 else y
@@ -86,7 +86,7 @@ def joint_operator(owner: nn.Module, linears: list[nn.Module]) -> StoredProduct 
     op = _op_name(first)
     if op is None or any(_op_name(layer) != op or _group(layer) != _group(first) for layer in linears):
         return None
-    extra_names = {"gemv": (), "gemv_int8": ("scales",)}.get(op, ("scales", "zeros"))
+    extra_names = {"gemv": (), "gemv_int8": ("scales",), "gemv_int8_pairs": ("scales",)}.get(op, ("scales", "zeros"))
     stored = [_stored(layer) for layer in linears]
     extras = [[getattr(layer, name) for layer in linears] for name in extra_names]
     biases = [layer.bias for layer in linears]
@@ -126,8 +126,8 @@ def _op_name(layer: nn.Module) -> str | None:
     kernel = getattr(layer, "kernel", None)
     if type(layer) is Linear:
         return "gemv"
-    if type(layer) is Int8Linear and kernel == "gemv":
-        return "gemv_int8"
+    if type(layer) is Int8Linear and kernel in ("gemv", "gemv_pairs"):
+        return "gemv_int8" if kernel == "gemv" else "gemv_int8_pairs"
     if type(layer) is Int4Linear and kernel in INT4_DECODE_KERNELS:
         return "gemv_int4_q8" if kernel == "gemv_q8" else "gemv_int4"
     return None

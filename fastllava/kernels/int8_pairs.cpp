@@ -1,0 +1,58 @@
+// The pair layout of int8 weights (N, K), N even, K a multiple of 128: rows 2p and 2p + 1 stored block by block,
+// [row 2p, columns 0-127][row 2p + 1, columns 0-127][row 2p, 128-255][row 2p + 1, 128-255]..., the same bytes in
+// another order. int8_pairs_(weight, to_pairs) rearranges a weight in place (one pair of rows at a time through a
+// small buffer: no second copy of the weight); gemv_int8_pairs (gemv.cpp) reads it.
+//
+// Why: the batch-1 int8 VNNI loop loads each 128-column block of the activations (two int8 parts, four vectors)
+// for every weight row; with two rows' blocks side by side in one sequential stream it loads them once for both
+// rows (gemv_vnni.cpp int8_pair_lanes). Two rows read from two separate streams instead ran at half the speed
+// (Zen 4's prefetchers lose them). Measured (llava-interleave-qwen-0.5b's 97 decode products from huge pages,
+// interleaved runs): one thread +18% (int8 then reads at the bf16 loop's bandwidth), two threads +2% where the
+// memory is the limit.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "decode_ops.h"
+
+namespace {
+
+constexpr int64_t kPairBlock = 128;
+
+void int8_pairs_(at::Tensor& weight, bool to_pairs) {
+  TORCH_CHECK(weight.device().is_cpu() && weight.scalar_type() == at::kChar && weight.dim() == 2 &&
+                  weight.is_contiguous(),
+              "fastllava int8_pairs_: needs a contiguous 2-D int8 CPU weight, got ", weight.scalar_type(), " ",
+              weight.sizes());
+  const int64_t N = weight.size(0), K = weight.size(1);
+  TORCH_CHECK(N % 2 == 0 && K % kPairBlock == 0, "fastllava int8_pairs_: the pair layout needs an even number of ",
+              "rows and a multiple of ", kPairBlock, " columns, got ", weight.sizes());
+  auto* data = weight.data_ptr<int8_t>();
+  const int64_t blocks = K / kPairBlock;
+  at::parallel_for(0, N / 2, 64, [&](int64_t begin, int64_t end) {
+    std::vector<int8_t> pair(static_cast<size_t>(2 * K));
+    for (int64_t p = begin; p < end; ++p) {
+      int8_t* rows = data + 2 * p * K;
+      std::memcpy(pair.data(), rows, static_cast<size_t>(2 * K));
+      for (int64_t b = 0; b < blocks; ++b)
+        for (int64_t r = 0; r < 2; ++r) {
+          const int64_t plain = r * K + b * kPairBlock, paired = (2 * b + r) * kPairBlock;
+          if (to_pairs) std::memcpy(rows + paired, pair.data() + plain, kPairBlock);
+          else std::memcpy(rows + plain, pair.data() + paired, kPairBlock);
+        }
+    }
+  });
+}
+
+}  // namespace
+
+void fastllava::int8_pairs_(at::Tensor& weight, bool to_pairs) { ::int8_pairs_(weight, to_pairs); }
+
+TORCH_LIBRARY_FRAGMENT(fastllava, m) { m.def("int8_pairs_(Tensor(a!) weight, bool to_pairs) -> ()"); }
+
+TORCH_LIBRARY_IMPL(fastllava, CPU, m) { m.impl("int8_pairs_", &int8_pairs_); }
