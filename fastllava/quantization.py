@@ -397,6 +397,9 @@ def _flat(x: torch.Tensor, width: int) -> torch.Tensor:
     return x.reshape(-1, width)
 
 
+PAIR_BLOCK = 128  # the int8 pair layout's block of columns (kernels/int8_pairs.cpp)
+
+
 class Int8Linear(QuantizedModule):
     """Weight-only int8 linear layer: per-output-channel symmetric codes, activations in their own dtype.
 
@@ -432,7 +435,7 @@ class Int8Linear(QuantizedModule):
             self.kernel = "gemv_pairs"
 
     def to_rows(self) -> None:
-        """Codes back in row-major order, in place."""
+        """Codes back in row-major order, in place (a tied head: ``use_row_layout``, which tells the embedding)."""
         if self.kernel == "gemv_pairs":
             torch.ops.fastllava.int8_pairs_(self.weight, False)
             self.kernel = "gemv"
@@ -609,7 +612,9 @@ class Int4Linear(QuantizedModule):
 
 
 class Int8Embedding(QuantizedModule):
-    """Token embeddings stored as int8 rows with one scale per row; a lookup dequantizes only the rows it reads."""
+    """Token embeddings stored as int8 rows with one scale per row; a lookup dequantizes only the rows it reads.
+    ``pairs``: the codes are a tied int8 head's, in the pair layout (``use_pair_layout``); lookups gather the
+    rows' blocks from it."""
 
     def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: int | None = None, device: Any = None):
         super().__init__()
@@ -617,50 +622,89 @@ class Int8Embedding(QuantizedModule):
         self.register_buffer("weight", torch.empty(num_embeddings, embedding_dim, dtype=torch.int8, device=device))
         self.register_buffer("scales", torch.empty(num_embeddings, device=device))
         self.kernel = "lookup"
+        self.pairs = False
+
+    def row_codes(self) -> torch.Tensor:
+        """The codes row-major (a copy when they are in the pair layout)."""
+        if not self.pairs:
+            return self.weight
+        codes = self.weight.clone()
+        torch.ops.fastllava.int8_pairs_(codes, False)
+        return codes
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return self.weight.to(dtype) * self.scales.to(dtype)[:, None]
+        return self.row_codes().to(dtype) * self.scales.to(dtype)[:, None]
+
+    def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.pairs:
+            destination[prefix + "weight"] = self.row_codes()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        if self.pairs:  # row-major codes over row-major codes, then back into pairs (the tied head's too)
+            torch.ops.fastllava.int8_pairs_(self.weight, False)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if self.pairs:
+            torch.ops.fastllava.int8_pairs_(self.weight, True)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return F.embedding(ids, self.weight).to(self.scales.dtype) * self.scales[ids].unsqueeze(-1)
+        if self.pairs:  # row r's block b: pair r // 2, block b, slot r % 2
+            rows, width = self.weight.shape
+            blocks = self.weight.view(rows // 2, width // PAIR_BLOCK, 2, PAIR_BLOCK)
+            codes = blocks[ids // 2, :, ids % 2].reshape(*ids.shape, width)
+        else:
+            codes = F.embedding(ids, self.weight)
+        return codes.to(self.scales.dtype) * self.scales[ids].unsqueeze(-1)
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, int8"
 
 
-PAIR_BLOCK = 128  # the pair layout's block of columns (kernels/int8_pairs.cpp)
-
-
 def use_pair_layout(model: nn.Module) -> int:
     """Switch the Int8Linear layers on the ``gemv`` kernel to the pair layout where the CPU has AVX512-VNNI (the
-    only loop that reads it fast), except those whose codes another module also holds (a tied embedding looks rows
-    up in them). Returns how many layers switched."""
+    only loop that reads it fast). Codes another module also holds stay row-major, unless that module is the int8
+    embedding of a tied head: it then reads them in the pair layout too. Returns how many layers switched."""
     if not gemv_kernels_available() or not torch.ops.fastllava.avx512_vnni_supported():
         return 0
-    holders: dict[int, int] = {}
+    holders: dict[int, list[nn.Module]] = {}
     for module in model.modules():
         for tensor in list(module._parameters.values()) + list(module._buffers.values()):
             if tensor is not None and tensor.device.type == "cpu":
-                holders[tensor.data_ptr()] = holders.get(tensor.data_ptr(), 0) + 1
+                holders.setdefault(tensor.data_ptr(), []).append(module)
     switched = 0
     for module in model.modules():
-        if type(module) is Int8Linear and module.pair_layout_applies() and holders[module.weight.data_ptr()] == 1:
+        if type(module) is not Int8Linear or not module.pair_layout_applies():
+            continue
+        others = [holder for holder in holders[module.weight.data_ptr()] if holder is not module]
+        if all(type(other) is Int8Embedding and other.weight is module.weight and not other.pairs
+               for other in others):
             module.to_pairs()
+            for other in others:
+                other.pairs = True
             switched += 1
     return switched
+
+
+def use_row_layout(model: nn.Module) -> None:
+    """Every int8 code back in row-major order (the inverse of ``use_pair_layout``)."""
+    for module in model.modules():
+        if type(module) is Int8Linear:
+            module.to_rows()
+        elif type(module) is Int8Embedding:
+            module.pairs = False
 
 
 def set_kernel(model: nn.Module, kernel: str) -> None:
     """Switch every quantized layer to ``"dequant"`` or back to its packed CPU kernel (``"auto"``)."""
     if kernel not in ("auto", "dequant"):
         raise ValueError(f"kernel must be 'auto' or 'dequant', got {kernel!r}")
+    use_row_layout(model)
     for module in model.modules():
         if isinstance(module, Int4Linear):
             module.to_plain()
             if kernel == "auto":
                 module.finish_load()
         elif isinstance(module, Int8Linear):
-            module.to_rows()
             module.kernel = "dequant"
             if kernel == "auto":
                 module.finish_load()

@@ -592,11 +592,12 @@ def _pair_layout_expected() -> bool:
     return gemv_kernels_available() and torch.ops.fastllava.avx512_vnni_supported()
 
 
-def test_int8_pair_layout_changes_only_how_codes_are_stored(checkpoint_factory, monkeypatch, tmp_path):
+@pytest.mark.parametrize("family", ["clip_llama_wide", "siglip_qwen2_wide"])  # the second ties lm_head to the embedding
+def test_int8_pair_layout_changes_only_how_codes_are_stored(checkpoint_factory, monkeypatch, tmp_path, family):
     """Where the CPU has AVX512-VNNI, int8 layers whose shape allows it keep their codes in the pair layout:
     the state, the saved checkpoint, the logits (many-row products), greedy tokens (few-row products) and the
     dequantize path are those of the row layout exactly."""
-    directory = checkpoint_factory("clip_llama_wide")
+    directory = checkpoint_factory(family)
     paired = load(directory, ("int8", None), dtype=torch.bfloat16)
     with monkeypatch.context() as patch:
         patch.setattr(q, "use_pair_layout", lambda model: 0)
@@ -628,16 +629,28 @@ def test_int8_pair_layout_changes_only_how_codes_are_stored(checkpoint_factory, 
     assert torch.equal(logits(paired)[0], logits(rows)[0])
 
 
-def test_int8_pair_layout_leaves_codes_another_module_holds():
-    """A tied embedding looks rows up in the head's codes: those stay row-major."""
+def test_int8_pair_layout_with_a_tied_embedding_and_with_codes_held_elsewhere():
+    """A tied embedding looks rows up in the head's codes: both switch (and its lookups stay the same); codes that
+    another kind of module holds stay row-major."""
     torch.manual_seed(0)
     owner = nn.Module()
-    owner.head, owner.free = Int8Linear(128, 6, bias=False), Int8Linear(128, 6, bias=False)
-    owner.embed = Int8Embedding(6, 128)
-    for layer in (owner.head, owner.free):
-        layer.weight, layer.scales = torch.randint(-127, 128, (6, 128), dtype=torch.int8), torch.rand(6) + 0.1
+    owner.head, owner.shared, owner.other = (Int8Linear(256, 6, bias=False) for _ in range(3))
+    owner.embed = Int8Embedding(6, 256)
+    for layer in (owner.head, owner.shared, owner.other):
+        layer.weight, layer.scales = torch.randint(-127, 128, (6, 256), dtype=torch.int8), torch.rand(6) + 0.1
         layer.finish_load()
     owner.embed.weight, owner.embed.scales = owner.head.weight, owner.head.scales.clone()
+    owner.holder = nn.Module()
+    owner.holder.register_buffer("codes", owner.shared.weight)  # not an embedding: keeps the rows
+    ids = torch.tensor([[0, 5, 3], [2, 1, 4]])
+    looked_up, dequantized = owner.embed(ids), owner.embed.dequantize()
     switched = q.use_pair_layout(owner)
-    assert owner.head.kernel == "gemv"
-    assert (switched, owner.free.kernel) == ((1, "gemv_pairs") if _pair_layout_expected() else (0, "gemv"))
+    expected = _pair_layout_expected()
+    assert switched == (2 if expected else 0)
+    assert (owner.head.kernel, owner.other.kernel, owner.embed.pairs) == (
+        ("gemv_pairs", "gemv_pairs", True) if expected else ("gemv", "gemv", False))
+    assert owner.shared.kernel == "gemv"
+    assert torch.equal(owner.embed(ids), looked_up) and torch.equal(owner.embed.dequantize(), dequantized)
+    assert torch.equal(owner.embed.state_dict()["weight"], owner.head.row_codes())
+    q.use_row_layout(owner)
+    assert (owner.head.kernel, owner.embed.pairs) == ("gemv", False) and torch.equal(owner.embed(ids), looked_up)

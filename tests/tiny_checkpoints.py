@@ -48,6 +48,9 @@ FAMILIES = {
     "clip_llama_wide": lambda vocab: dict(vision=_vision("clip"), text=_text("llama", vocab, hidden_size=256,
                                                                             intermediate_size=384),
                                            vision_feature_layer=-2, vision_feature_select_strategy="default"),
+    "siglip_qwen2_wide": lambda vocab: dict(vision=_vision("siglip"), text=_text(
+        "qwen2", vocab, hidden_size=256, intermediate_size=384, tie_word_embeddings=True),
+        vision_feature_layer=-1, vision_feature_select_strategy="full", tie_word_embeddings=True),
     "clip_llama_multilayer": lambda vocab: dict(vision=_vision("clip", layers=4), text=_text("llama", vocab),
                                                  vision_feature_layer=[-2, 1], vision_feature_select_strategy="default"),
     "llama_rope_linear": lambda vocab: dict(vision=_vision("clip"), text=_text(
