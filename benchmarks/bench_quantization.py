@@ -70,11 +70,16 @@ int4 2.102x. Two runs earlier that hour (before the Python trims): int8 1.774x (
 (1.549x) at bf16 36-53 tok/s. So int8 meets 1.8x while the machine's bandwidth is
 the limit and falls short when it is high: then the int8 loop runs at ~20-24 GB/s a core (two-part activations:
 ~19 micro-ops per 128 weights, ~7 of them loads), while bf16's VDPBF16PS loop streams ~27; int4 with int8 activations
-stays at ~100 tok/s whatever the bandwidth (compute-bound). Measured for the next step (the 97 decode products from
-huge pages, interleaved runs): two weight rows stored block-interleaved ([row 2p, block b][row 2p+1, block b], one
-sequential stream sharing the x loads) ran +18% on one thread (int8 then reads at bf16's bandwidth) and +2% on two
-threads at the memory limit; a decode layout for Int8Linear codes (tiled at load, untiled for saving, dequantizing
-and prefill) is needed for it. Tried and dropped: activation blocks of 256 columns (+6% one thread, but values next to
+stays at ~100 tok/s whatever the bandwidth (compute-bound). Then int8 codes moved into the pair layout
+(kernels/int8_pairs.cpp: two rows' blocks side by side, the x blocks loaded once for both): whole decode steps +5.5-7.5%
+on one thread, +1-6% on two (same tokens); in one process, interleaved: bf16/int8 1.89x (two threads, bf16 at 28.6
+ms a token) and 1.86x (one thread). The script then, ``--repeats 4``, two runs: bf16 34.8-36.3 tok/s (probe 22
+GB/s): int8 1.892x (paired 1.903x), int4 2.715x (2.709x), int8-saved 1.885x (1.887x), int4-saved 2.562x (2.591x);
+bf16 35.2 / 46.7 / 49.1 / 48.0 (probe 40 GB/s): int8 1.805x (1.880x; 88-91 tok/s against bf16's 47-49 in the
+high-bandwidth repeats), int4 2.058x (2.059x), int8-saved 1.448x (1.645x: 66 tok/s in two repeats whose bf16 ran
+at 47-49, a bandwidth swing between the runs), int4-saved 1.995x (2.092x). int4 now falls short of 2.5x when the
+bandwidth is high: its loop is compute-bound at ~97 tok/s (the pair layout's shared activation loads would help it
+too; not done). Tried and dropped: activation blocks of 256 columns (+6% one thread, but values next to
 a 100x outlier block lose bf16 precision), software prefetch into L2 8 KiB ahead (+18% from 4 KiB pages, -10% from
 the huge pages the weights live in), dynamic row scheduling between the threads (-10%). Peak memory: int8 1.06-1.07x
 the model's bytes, 0.78x the bf16 run's.
