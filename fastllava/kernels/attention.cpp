@@ -408,7 +408,8 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
     const int64_t sb = q.stride(0), sh = q.stride(1), sd = q.stride(2);
     for (int64_t b = 0; b < B; ++b)
       for (int64_t h = 0; h < H; ++h)
-        for (int64_t d = 0; d < D; ++d) qd[(b * H + h) * D + d] = static_cast<float>(src[b * sb + h * sh + d * sd]) * scale_f;
+        for (int64_t d = 0; d < D; ++d)
+          qd[(b * H + h) * D + d] = static_cast<float>(src[b * sb + h * sh + d * sd]) * scale_f;
   };
   if (!avx512_loops_apply(q, k, D)) {
     switch (q.scalar_type()) {

@@ -9,9 +9,9 @@ lm_head (their codes, when quantized) are copied into one anonymous mapping advi
 at a time, each source released as soon as it is copied (the checkpoint's file pages through ``release``), so
 peak memory grows by one tensor at most. Vision weights stay where they are: they are read in large GEMMs.
 
-Decode KV caches (generation/kv_cache.py, engine/kv_pool.py) take their memory from the same kind of mapping (``huge_page_tensor``):
-a step reads each head's rows of every layer, a few KiB per head at a 32 KiB or wider stride, so with 4 KiB pages
-nearly every head's read started with a TLB miss.
+Decode KV caches (generation/kv_cache.py, engine/kv_pool.py) take their memory from the same kind of mapping
+(``huge_page_tensor``): a step reads each head's rows of every layer, a few KiB per head at a 32 KiB or wider
+stride, so with 4 KiB pages nearly every head's read started with a TLB miss.
 
 ``FASTLLAVA_HUGE_PAGES=0`` turns this off; it is skipped off Linux, off CPU, or where huge pages are disabled.
 """
@@ -62,7 +62,8 @@ def huge_page_bytes(nbytes: int) -> torch.Tensor | None:
     return base[offset:offset + nbytes]
 
 
-def huge_page_tensor(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.Tensor | None:
+def huge_page_tensor(shape: tuple[int, ...], dtype: torch.dtype,
+                     device: torch.device | str = "cpu") -> torch.Tensor | None:
     """A zeroed contiguous CPU tensor in its own huge-page mapping (``huge_page_bytes``), or None (another device,
     or no huge pages)."""
     if torch.device(device).type != "cpu":
