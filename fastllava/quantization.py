@@ -400,6 +400,15 @@ def _flat(x: torch.Tensor, width: int) -> torch.Tensor:
 PAIR_BLOCK = 128  # the int8 pair layout's block of columns (kernels/int8_pairs.cpp)
 
 
+def _row_major(codes: torch.Tensor, paired: bool) -> torch.Tensor:
+    """int8 codes in row-major order: ``codes`` themselves, or a row-major copy of codes in the pair layout."""
+    if not paired:
+        return codes
+    rows = codes.clone()
+    torch.ops.fastllava.int8_pairs_(rows, False)
+    return rows
+
+
 class Int8Linear(QuantizedModule):
     """Weight-only int8 linear layer: per-output-channel symmetric codes, activations in their own dtype.
 
@@ -442,11 +451,7 @@ class Int8Linear(QuantizedModule):
 
     def row_codes(self) -> torch.Tensor:
         """The codes row-major (a copy when the layer holds the pair layout)."""
-        if self.kernel != "gemv_pairs":
-            return self.weight
-        codes = self.weight.clone()
-        torch.ops.fastllava.int8_pairs_(codes, False)
-        return codes
+        return _row_major(self.weight, self.kernel == "gemv_pairs")
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return self.row_codes().to(dtype) * self.scales.to(dtype)[:, None]
@@ -626,11 +631,7 @@ class Int8Embedding(QuantizedModule):
 
     def row_codes(self) -> torch.Tensor:
         """The codes row-major (a copy when they are in the pair layout)."""
-        if not self.pairs:
-            return self.weight
-        codes = self.weight.clone()
-        torch.ops.fastllava.int8_pairs_(codes, False)
-        return codes
+        return _row_major(self.weight, self.pairs)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return self.row_codes().to(dtype) * self.scales.to(dtype)[:, None]
