@@ -649,10 +649,8 @@ class Int8Embedding(QuantizedModule):
             torch.ops.fastllava.int8_pairs_(self.weight, True)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        if self.pairs:  # row r's block b: pair r // 2, block b, slot r % 2
-            rows, width = self.weight.shape
-            blocks = self.weight.view(rows // 2, width // PAIR_BLOCK, 2, PAIR_BLOCK)
-            codes = blocks[ids // 2, :, ids % 2].reshape(*ids.shape, width)
+        if self.pairs:
+            codes = torch.ops.fastllava.int8_pair_rows(self.weight, ids)
         else:
             codes = F.embedding(ids, self.weight)
         return codes.to(self.scales.dtype) * self.scales[ids].unsqueeze(-1)

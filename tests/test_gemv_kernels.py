@@ -396,6 +396,19 @@ def test_int8_pair_layout_gives_the_row_layouts_results_bit_for_bit(kernels, row
             kernels.set_avx512(previous)
 
 
+def test_int8_pair_rows_looks_rows_up_in_the_pair_layout(kernels):
+    codes = torch.randint(-127, 128, (10, 384), dtype=torch.int8)
+    paired = codes.clone()
+    kernels.int8_pairs_(paired, True)
+    ids = torch.tensor([[0, 9, 3], [4, 4, 7]])
+    assert torch.equal(kernels.int8_pair_rows(paired, ids), codes[ids])
+    assert torch.equal(kernels.int8_pair_rows(paired, torch.tensor(5)), codes[5])
+    with pytest.raises(RuntimeError, match="index 10 is out of range for 10 rows"):
+        kernels.int8_pair_rows(paired, torch.tensor([1, 10]))
+    with pytest.raises(RuntimeError, match="ids must be int64"):
+        kernels.int8_pair_rows(paired, torch.tensor([1], dtype=torch.int32))
+
+
 def test_int8_pair_layout_refuses_what_it_cannot_hold(kernels):
     with pytest.raises(RuntimeError, match="even number of rows"):
         kernels.int8_pairs_(torch.zeros(3, 128, dtype=torch.int8), True)

@@ -25,6 +25,8 @@ at::Tensor gemv_int8_pairs(const at::Tensor& x, const at::Tensor& weight, const 
                            const std::optional<at::Tensor>& bias);
 // int8 weight (N, K) rearranged in place into the pair layout (to_pairs) or back to rows.
 void int8_pairs_(at::Tensor& weight, bool to_pairs);
+// Rows `ids` of a pair-layout int8 weight, row-major (*ids.shape, K).
+at::Tensor int8_pair_rows(const at::Tensor& weight, const at::Tensor& ids);
 at::Tensor gemv_int4(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales, const at::Tensor& zeros,
                      int64_t group, const std::optional<at::Tensor>& bias);
 at::Tensor gemv_int4_q8(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
