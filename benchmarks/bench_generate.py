@@ -55,6 +55,11 @@ Session 11 (2026-12-05), after the KV cache moved into huge pages (+13% a token 
 runs) and ~0.4 ms a token less Python and op overhead around the step, two threads, ``--batches 1 --new-tokens 128
 --repeats 2 --no-multi-turn``: TTFT 3.41 vs 4.10 s (0.830x), decode 50.07 vs 9.42 tok/s (5.31x), 46.5 GB/s = 1.22 of
 a 38.0 GB/s probe.
+Session 12 (2026-12-05), same command: TTFT 3.56 vs 4.01 s (0.888x), decode 47.73 vs 9.89 tok/s (4.82x), 44.3 GB/s =
+1.22 of a 36.4 GB/s probe. llava-1.5-7b, two threads (the default), ``--arch llava-1.5-7b --new-tokens 128 --repeats
+1``, separate processes: TTFT 22.26 vs 22.33 s (0.997x: prefill is PyTorch's bf16 GEMM in both, at the machine's
+~375 GFLOP/s), decode 3.51 vs 0.97 tok/s (3.61x), 46.4 GB/s = 0.852 of the 54.5 GB/s probe in our process
+(transformers 12.9 GB/s, 0.20 of 63.3 in its own), peak RSS 13.64 vs 13.88 GiB (0.982x), load 24.3 vs 0.7 s.
 
 llava-1.5-7b, measured here 2026-12-04 (AVX512-BF16 EPYC, 2 cores, 24 GiB; ``--arch llava-1.5-7b --threads 1
 --batches 1 --new-tokens 128 --repeats 1``, warm-up on, bf16, separate processes, 594 prompt tokens), NOT quiet:

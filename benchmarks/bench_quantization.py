@@ -84,6 +84,24 @@ a 100x outlier block lose bf16 precision), software prefetch into L2 8 KiB ahead
 the huge pages the weights live in), dynamic row scheduling between the threads (-10%). Peak memory: int8 1.06-1.07x
 the model's bytes, 0.78x the bf16 run's.
 
+2026-12-05 (session 12), same command, ``--repeats 4``: bf16 35.8 / 57.1 / 35.7 / 35.2 tok/s; int8 1.855x (paired
+1.827x), int4 2.794x (2.668x), int8-saved 1.876x (1.858x), int4-saved 2.707x (2.591x); peak RSS int8 1.06x the
+model's bytes, 0.78x the bf16 run's. In the repeat whose bf16 ran at 57 tok/s, int8 ran at 95 and int4 at 103
+(1.80x). Where an int4 token goes then (decoder instrumented, 8-token prompt, two threads): 5.48 ms of layer
+products and 2.45 ms of lm_head (~32-36 GB/s of codes), 0.57 ms attention, 0.37 ms norms, adds and SiLU, ~0.5 ms
+Python; bf16's products read 55-58 GB/s in the same minutes. So int4 is bound by the two cores' integer throughput
+(~44 G weights/s a core with warm caches, ~65-70 G weights/s for two from memory), and reaches 2.5x bf16 only while
+memory is the machine's limit. Tried for int4 and dropped (interleaved A/B in one process, the 97 products of a
+token from huge pages): codes in the pair layout (kernels/int8_pairs.cpp's, 64-byte chunks; bit-identical
+results): warm +6-23% one thread, from memory -5% to +5%, whole decode steps +1.7% two threads / -3.4% one thread,
+i.e. noise; the high nibbles by one GFNI affine instead of shift-and-mask: warm +17% at K = 896, 0-3% from memory;
+the codes' -8 and zero terms added where the scale window is loaded: no change. Parts of the loop removed to price
+them (warm, one thread, wrong results): scale permute 9%, scale x activation-scale multiply 9%, the -8 / zero terms
+15%, the whole float epilogue (permute, multiply, convert, FMA) 25%, the high-nibble mask 5%: no part dominates;
+the float epilogue per 128 weights follows from float group scales and per-32-column activation scales.
+``OMP_WAIT_POLICY=ACTIVE`` (workers never sleep between products) was 2-4% faster, ``PASSIVE`` 60% slower: the
+default spin-then-sleep keeps most of the gain without burning the second core while idle.
+
 2026-12-04 (session 5), Zen 4 EPYC with AVX512-BF16, ``--parts decode --threads 1 --new-tokens 64 --repeats 1
 --group-sizes 64``, a training job on the other core (load ~2): bf16 20.7 tok/s (AVX-512 bf16 GEMV at ~25 GB/s);
 int8 25.0 (1.21x bf16), int4 32.8 (1.59x), int8-saved 24.3 (1.17x), int4-saved 29.3 (1.42x): targets 1.8x / 2.5x
