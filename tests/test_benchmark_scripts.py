@@ -176,3 +176,42 @@ def test_generate_benchmark_separate_processes_at_toy_size(common, bench_generat
     assert ratio["peak_rss_gib"] == pytest.approx(ours["peak_rss"] / theirs["peak_rss"])
     for row in rows:
         assert json.loads(json.dumps(row)) == row  # each is one JSON line
+
+
+@pytest.fixture(scope="module")
+def bench_cold_start():
+    return load_script("bench_cold_start")
+
+
+def test_cold_start_scenarios_set_their_caches_and_keep_their_order(bench_cold_start, tmp_path):
+    cold = bench_cold_start.scenario_environment("fastllava-cold", tmp_path)
+    assert cold["FASTLLAVA_CACHE"] == str(tmp_path / "cold-kernels") and "TORCHINDUCTOR_CACHE_DIR" not in cold
+    warm = bench_cold_start.scenario_environment("fastllava", tmp_path)
+    assert "FASTLLAVA_CACHE" not in warm and warm["FASTLLAVA_COMPILE"] == "0"  # the environment's own, built cache
+    for scenario in ("fastllava-compile-cold", "fastllava-compile-warm"):  # one inductor cache for both
+        assert bench_cold_start.scenario_environment(scenario, tmp_path)["TORCHINDUCTOR_CACHE_DIR"] == str(
+            tmp_path / "inductor")
+    with pytest.raises(ValueError, match="unknown scenario"):
+        bench_cold_start.scenario_environment("fastllava-hot", tmp_path)
+    bench_cold_start.check_order(["fastllava-compile-cold", "fastllava", "fastllava-compile-warm"])
+    for bad in (["fastllava-compile-warm"], ["fastllava-compile-warm", "fastllava-compile-cold"]):
+        with pytest.raises(ValueError, match="list the cold one before it"):
+            bench_cold_start.check_order(bad)
+
+
+def test_cold_start_benchmark_end_to_end_at_toy_size(common, bench_cold_start, tmp_path):
+    """Fresh processes from spawn to the first answer token (the kernels already built, as CI's setup leaves them):
+    the parts add up to less than the whole, and the ratio row is against transformers' process."""
+    checkpoint, _ = common.make_random_checkpoint(tmp_path / "toy", common.toy_llava_interleave_config())
+    rows = bench_cold_start.run_scenarios(checkpoint, "llava-interleave-qwen-0.5b", ["fastllava", "transformers"],
+                                          new_tokens=3, toy=True, threads=1, timeout=600)
+    assert [row["scenario"] for row in rows] == ["fastllava", "transformers"]
+    for row in rows:
+        assert row["threads"] == 1 and row["new_tokens"] == 3 and row["prompt_tokens"] == 13 + 16 + 15
+        parts = row["interpreter_s"] + row["import_s"] + row["load_s"] + row["ttft_s"]
+        assert 0 < row["ttft_s"] and parts <= row["to_first_token_s"] + 1e-3
+        assert row["to_first_token_s"] < parts + 5.0  # only the input building lies between the parts
+        assert row["decode_tok_s"] > 0 and row["first_step_s"] > 0
+    assert rows[1]["to_first_token_vs_transformers"] == 1.0
+    assert rows[0]["to_first_token_vs_transformers"] == pytest.approx(
+        rows[0]["to_first_token_s"] / rows[1]["to_first_token_s"])

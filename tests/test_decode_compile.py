@@ -43,3 +43,16 @@ def test_session_grows_past_its_bucket_and_keeps_decoding(checkpoint_factory):
         for _ in range(steps):
             token = session.step(token).argmax(-1)
     assert session.cache.capacity == 512 and session.length == ids.shape[1] + steps == 261
+
+
+def test_compiled_bf16_model_matches_eager_with_an_image(checkpoint_factory):
+    """bf16 weights take the joint q/k/v and gate/up products eagerly; the compiled step must trace (it ran the
+    layers one by one) and give the same greedy tokens, batch 1 with an image after a many-row prefill."""
+    model = fastllava.LlavaForConditionalGeneration.from_pretrained(checkpoint_factory("siglip_qwen2"),
+                                                                    dtype=torch.bfloat16)
+    ids, _, pixels = sample_inputs(batch=1, pad=(0,), seed=3)
+    kwargs = dict(input_ids=ids, pixel_values=pixels.bfloat16(), max_new_tokens=12, eos_token_id=None)
+    compiled = model.generate(**kwargs, compile=True)
+    eager = model.generate(**kwargs, compile=False)
+    assert compiled.shape[1] == ids.shape[1] + 12
+    assert torch.equal(compiled, eager)

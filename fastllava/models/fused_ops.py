@@ -37,7 +37,11 @@ def pointwise_ops_apply(x: torch.Tensor, *params: torch.Tensor) -> bool:
 def joint_product(owner: nn.Module, names: tuple[str, ...], x: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
     """The outputs of ``owner``'s linear layers ``names`` on the same ``x``, computed as one few-row product over
     their adjacent weights (bf16/fp16, or int8/int4 codes); None when that does not apply (the caller then runs
-    the layers one by one)."""
+    the layers one by one). Not inside torch.compile: binding the product builds and caches Python objects keyed
+    on data pointers, which dynamo cannot trace; a compiled step runs the layers one by one (the same rows of the
+    same kernels, so the same outputs)."""
+    if torch.compiler.is_compiling():
+        return None
     linears = [getattr(owner, name) for name in names]
     rows = x.numel() // max(1, x.shape[-1])
     if type(linears[0]) is Linear and x.dtype not in HALF_DTYPES:
