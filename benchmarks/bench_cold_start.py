@@ -50,24 +50,6 @@ SCRIPT = str(Path(__file__).resolve())
 SCENARIOS = ("fastllava-cold", "fastllava", "fastllava-compile-cold", "fastllava-compile-warm", "transformers")
 
 
-class WallClock:
-    """A streamer (transformers' put/end protocol) stamping each new token with the wall clock, which the parent
-    process shares (``time.time``), so the first token can be timed from before this interpreter existed."""
-
-    def __init__(self):
-        self.times: list[float] = []
-        self._prompt_seen = False
-
-    def put(self, value) -> None:
-        if not self._prompt_seen:  # the first put is the prompt
-            self._prompt_seen = True
-            return
-        self.times.append(time.time())
-
-    def end(self) -> None:
-        pass
-
-
 def scenario_environment(scenario: str, scratch: Path) -> dict[str, str]:
     """Environment overrides for a scenario's process: the cold kernel build goes to an empty directory under
     ``scratch``; compile scenarios share an inductor cache there (empty for the first of them). The other
@@ -104,7 +86,7 @@ def measure_worker(scenario: str, checkpoint: str, arch: str, toy: bool, new_tok
     started = time.time()  # this script imports no torch before here: import_s holds all of it
     import torch
 
-    from bench_generate import make_inputs
+    from bench_generate import TokenClock, make_inputs
 
     if scenario.startswith("fastllava"):
         import fastllava
@@ -119,7 +101,7 @@ def measure_worker(scenario: str, checkpoint: str, arch: str, toy: bool, new_tok
     loaded = time.time()
     inputs = make_inputs(ARCHITECTURES[arch][1 if toy else 0](), 1, arch=arch)
     extra = {"compile": True} if "compile" in scenario else {}
-    clock = WallClock()
+    clock = TokenClock(time.time)  # the parent's time base: the first token is timed from before the spawn
     start = time.time()
     with torch.inference_mode():
         output = model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,

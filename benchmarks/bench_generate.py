@@ -156,17 +156,19 @@ def make_inputs(config: dict, batch: int, seed: int = 0, arch: str = "llava-inte
 
 class TokenClock:
     """A streamer (transformers' put/end protocol, which fastllava follows too) that timestamps each new token
-    batch, so one generate() call yields both TTFT and the decode rate, free of prefill-time noise."""
+    batch, so one generate() call yields both TTFT and the decode rate, free of prefill-time noise. ``clock``:
+    ``time.time`` where another process must share the time base."""
 
-    def __init__(self):
+    def __init__(self, clock=time.perf_counter):
         self.times: list[float] = []
         self._prompt_seen = False
+        self._clock = clock
 
     def put(self, value) -> None:
         if not self._prompt_seen:  # the first put is the prompt
             self._prompt_seen = True
             return
-        self.times.append(time.perf_counter())
+        self.times.append(self._clock())
 
     def end(self) -> None:
         pass
