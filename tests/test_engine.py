@@ -440,10 +440,10 @@ def test_llm_with_weight_only_int8_matches_the_quantized_generate(ck15):
 
 
 @pytest.mark.parametrize("family,weights", [("siglip_qwen2", None), ("clip_mistral", None), ("clip_llama", "int8")])
-def test_a_sequence_decoding_alone_takes_the_lean_step_and_matches_generate(checkpoint_factory, family, weights):
-    """bf16 (and int8 weights): a step that is one sequence's one new token runs generation/lean_step.py, as
-    generate() decodes; its greedy tokens are generate()'s, with images and sliding windows. Two requests decoding
-    together take the packed path; the lean step serves whichever decodes alone."""
+def test_decoding_sequences_take_the_lean_step_and_match_generate(checkpoint_factory, family, weights):
+    """bf16 (and int8 weights): a step of decode tokens only runs generation/lean_step.py, as generate() decodes -
+    one sequence alone, or several at once each over its own cache (models without sliding windows; the windowed
+    one keeps the packed path for those) - and every request's greedy tokens are generate()'s."""
     config = None if weights is None else fastllava.QuantizationConfig(weights=weights)
     model = fastllava.LlavaForConditionalGeneration.from_pretrained(checkpoint_factory(family), dtype=torch.bfloat16,
                                                                     quantization_config=config)
@@ -451,13 +451,21 @@ def test_a_sequence_decoding_alone_takes_the_lean_step_and_matches_generate(chec
     for prompt in prompts:
         prompt["pixel_values"] = prompt["pixel_values"].bfloat16()
     engine = Engine(model, max_num_seqs=4, kv_cache_bytes=1 << 22)
-    lean_steps = []
+    lean_rows = []  # rows of each step the lean step computed
     original = engine.runner._lean_decode
-    engine.runner._lean_decode = lambda chunks: lean_steps.append(original(chunks)) or lean_steps[-1]
+
+    def counted(chunks):
+        logits = original(chunks)
+        if logits is not None:
+            assert logits.shape == (len(chunks), model.config.text_config.vocab_size)
+            lean_rows.append(len(chunks))
+        return logits
+
+    engine.runner._lean_decode = counted
     finals, _ = run(engine, {0: [("r0", prompts[0], GREEDY), ("r1", prompts[1], GREEDY)],
                              40: [("r2", prompts[2], GREEDY)]})
-    used = [logits for logits in lean_steps if logits is not None]
-    assert len(used) >= NEW - 1  # at least r2's decode steps, which ran alone
-    assert all(logits.shape == (1, model.config.text_config.vocab_size) for logits in used)
+    assert lean_rows.count(1) >= NEW - 1  # at least r2's decode steps, which ran alone
+    windowed = any(window is not None for window in model.model.language_model.sliding_windows)
+    assert (2 in lean_rows) == (not windowed)  # r0 and r1 decoding together
     for i, prompt in enumerate(prompts):
         assert finals[f"r{i}"].outputs[0].token_ids == expected_greedy(model, prompt), f"request {i}"

@@ -162,3 +162,58 @@ def test_the_cpp_decoder_names_what_is_wrong():
         decoder.run(x, cos, sin, [], [], 0, 1, valid)
     logits = decoder.run(x, cos, sin, cache, cache, 0, 1, valid)
     assert logits.shape == (1, 8) and logits.dtype == torch.float32
+
+
+@pytest.mark.parametrize("quantization", [None, ("int8", None), ("int4", 32)])
+def test_several_sequences_over_their_own_caches_give_each_ones_logits(checkpoint_factory, quantization):
+    """LeanStep.ragged (the engine's decode of several sequences, each with its own cache and length): row b's
+    logits are those of that sequence stepped alone, bit for bit, and the caches are written at each slot."""
+    model = load(checkpoint_factory("siglip_qwen2"), quantization)
+    lean = LeanStep.build(model)
+    lengths = (7, 12, 4)
+    alone, sessions = [], []
+    for use_ragged in (False, True):
+        made = []
+        with torch.inference_mode():
+            for seed, length in enumerate(lengths):
+                ids = torch.randint(5, 100, (1, length), generator=torch.Generator().manual_seed(seed))
+                session = DecodeSession(model, 1, 32)
+                made.append((session, session.extend(ids).argmax(-1)))
+            caches = [session.cache for session, _ in made]
+            slots = list(lengths)
+            for cache, slot in zip(caches, slots):
+                cache.valid[:, slot] = True
+                cache.length = slot + 1
+            tokens = torch.cat([token.view(1, 1) for _, token in made])
+            positions = torch.tensor([[slot] for slot in slots])
+            if use_ragged:
+                ragged = lean.ragged(caches, tokens, positions, slots, made[0][0].step_runner._inv_freq)
+            else:
+                alone = [lean(cache, tokens[b:b + 1], positions[b:b + 1], slots[b], made[0][0].step_runner._inv_freq,
+                              slots[b] + 1) for b, cache in enumerate(caches)]
+        sessions.append(caches)
+    assert ragged.shape == (3, model.config.text_config.vocab_size)
+    for b in range(3):
+        assert torch.equal(ragged[b], alone[b][0]), f"sequence {b}"
+        for layer in range(len(sessions[0][b].keys)):  # the new token's key and value landed at its slot
+            assert torch.equal(sessions[1][b].keys[layer][:, :, :lengths[b] + 1],
+                               sessions[0][b].keys[layer][:, :, :lengths[b] + 1])
+            assert torch.equal(sessions[1][b].values[layer][:, :, :lengths[b] + 1],
+                               sessions[0][b].values[layer][:, :, :lengths[b] + 1])
+
+
+def test_several_sequences_need_a_model_without_sliding_windows_and_matching_inputs(checkpoint_factory):
+    lean = LeanStep.build(load(checkpoint_factory("clip_mistral")))
+    with pytest.raises(ValueError, match="only without sliding windows"):
+        lean.ragged([], torch.zeros(0, 1, dtype=torch.long), torch.zeros(0, 1, dtype=torch.long), [], None)
+    model = load(checkpoint_factory("siglip_qwen2"))
+    lean = LeanStep.build(model)
+    with torch.inference_mode():
+        session = DecodeSession(model, 1, 32)
+        session.extend(torch.tensor([[5, 6, 7]]))
+        x = lean.embed(torch.tensor([[8], [9]]))
+        cos = sin = torch.zeros(2, 1, model.config.text_config.hidden_size // 8, dtype=torch.bfloat16)
+        cache = session.cache
+        with pytest.raises(RuntimeError, match="2 rows need 2 slots"):  # one sequence's caches for two rows
+            lean.decoder.run_ragged(x, cos, sin, cache.keys, cache.values, [3], [cache.valid[:, :4]] *
+                                    len(cache.keys), len(cache.keys))

@@ -140,3 +140,21 @@ class LeanStep:
         # per layer: norm, q/k/v, RoPE + cache write + attention, o_proj, norm, gate/up, SiLU, down; then the
         # final norm and lm_head on the last position (kernels/decoder_layers.cpp)
         return self.decoder.run(x, cos, sin, cache.keys, cache.values, position, kv_len, valid)
+
+    def ragged(self, caches: list, tokens: torch.Tensor, positions: torch.Tensor, slots: list[int],
+               inv_freq: torch.Tensor) -> torch.Tensor:
+        """Several sequences with caches of their own (the engine's; a model without sliding windows): tokens /
+        positions (B, 1); ``caches[b]`` has per-layer ``keys``/``values`` (1, H_kv, L, D) and a validity row
+        ``valid`` true up to ``slots[b]``, the slot row b's token writes -> fp32 logits (B, V), row b as ``__call__``
+        computes it for that sequence alone (the products see all rows at once, each row's sums unchanged)."""
+        if not self.full_attention:
+            raise ValueError("the lean step takes several sequences' caches only without sliding windows")
+        x = self.embed(tokens)
+        cos, sin = rotary_cos_sin(self.config, positions, x.dtype, inv_freq)
+        layers = len(self.text.layers)
+        keys, values, valid = [], [], []
+        for cache, slot in zip(caches, slots, strict=True):
+            keys += cache.keys
+            values += cache.values
+            valid += [cache.valid[:, :slot + 1]] * layers
+        return self.decoder.run_ragged(x, cos, sin, keys, values, slots, valid, layers)

@@ -16,6 +16,7 @@
 #include <torch/custom_class.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <optional>
 #include <string>
@@ -137,14 +138,51 @@ struct DecoderLayers : torch::CustomClassHolder {
   // cache and the (B, kv_len) masks); slot the cache row this step writes -> fp32 logits (B, V).
   at::Tensor run(at::Tensor x, const at::Tensor& cos, const at::Tensor& sin, std::vector<at::Tensor> keys,
                  std::vector<at::Tensor> values, int64_t slot, int64_t kv_len, const std::vector<at::Tensor>& valid) {
+    return forward(x, std::min({keys.size(), values.size(), valid.size()}), [&](const Layer& layer, size_t i, std::vector<at::Tensor>& qkv) {
+      return fastllava::decode_attention_step(qkv[0], qkv[1], qkv[2], cos, sin, keys[i], values[i], slot, kv_len,
+                                              valid[i], layer.scale);
+    });
+  }
+
+  // Several sequences with caches of their own (the engine's): x (B, 1, C), cos/sin (B, 1, D) each row's RoPE
+  // table; keys/values/valid hold B x `layers` entries, sequence by sequence ([b * layers + layer index]): the
+  // sequence's (1, Hkv, L, D) caches and (1, kv_len) masks; slots[b] the cache row its new token writes (kv_len =
+  // slots[b] + 1). The products run once over the B rows, attention per sequence -> fp32 logits (B, V).
+  at::Tensor run_ragged(at::Tensor x, const at::Tensor& cos, const at::Tensor& sin, std::vector<at::Tensor> keys,
+                        std::vector<at::Tensor> values, const std::vector<int64_t>& slots,
+                        const std::vector<at::Tensor>& valid, int64_t layers) {
+    const auto batch = static_cast<size_t>(x.size(0));
+    TORCH_CHECK(layers > 0 && slots.size() == batch && keys.size() == batch * static_cast<size_t>(layers) &&
+                    values.size() == keys.size() && valid.size() == keys.size() && cos.size(0) == x.size(0) &&
+                    sin.size(0) == x.size(0),
+                "fastllava DecoderLayers.run_ragged: ", batch, " rows need ", batch, " slots and ", batch, " x ",
+                layers, " caches and masks, and a RoPE row each; got ", slots.size(), " slots, ", keys.size(),
+                " key caches, ", values.size(), " value caches, ", valid.size(), " masks");
+    return forward(x, static_cast<size_t>(layers), [&](const Layer& layer, size_t i, std::vector<at::Tensor>& qkv) {
+      std::vector<at::Tensor> rows;
+      rows.reserve(batch);
+      for (size_t b = 0; b < batch; ++b) {
+        const auto row = static_cast<int64_t>(b);
+        at::Tensor q = qkv[0].narrow(0, row, 1), k = qkv[1].narrow(0, row, 1);
+        const size_t at = b * static_cast<size_t>(layers) + i;
+        rows.push_back(fastllava::decode_attention_step(q, k, qkv[2].narrow(0, row, 1), cos.narrow(0, row, 1),
+                                                        sin.narrow(0, row, 1), keys[at], values[at], slots[b],
+                                                        slots[b] + 1, valid[at], layer.scale));
+      }
+      return batch == 1 ? rows[0] : at::cat(rows, 0);
+    });
+  }
+
+  // The layers, final norm and lm_head; attend(layer, cache index, {q, k, v}) -> the attention output (B, 1, H D).
+  template <typename Attend>
+  at::Tensor forward(at::Tensor x, size_t caches, const Attend& attend) {
     if (!checked) check_complete();
     for (Layer& layer : layers) {
       const auto i = static_cast<size_t>(layer.index);
-      TORCH_CHECK(i < keys.size() && i < values.size() && i < valid.size(), "fastllava DecoderLayers: layer ",
-                  layer.index, " has no cache or mask (", keys.size(), " caches, ", valid.size(), " masks)");
+      TORCH_CHECK(i < caches, "fastllava DecoderLayers: layer ", layer.index, " has no cache or mask (",
+                  caches, " of each)");
       std::vector<at::Tensor> qkv = layer.qkv(fastllava::rms_norm(x, layer.input_norm, layer.input_eps));
-      const at::Tensor attended = fastllava::decode_attention_step(qkv[0], qkv[1], qkv[2], cos, sin, keys[i],
-                                                                   values[i], slot, kv_len, valid[i], layer.scale);
+      const at::Tensor attended = attend(layer, i, qkv);
       x = at::add(x, (*layer.o_proj)(attended));
       const std::vector<at::Tensor> gate_up = layer.gate_up(fastllava::rms_norm(x, layer.post_norm, layer.post_eps));
       const at::Tensor activated =
@@ -179,5 +217,6 @@ TORCH_LIBRARY_FRAGMENT(fastllava, m) {
       .def("add_layer", &DecoderLayers::add_layer)
       .def("add_product", &DecoderLayers::add_product)
       .def("set_final_norm", &DecoderLayers::set_final_norm)
-      .def("run", &DecoderLayers::run);
+      .def("run", &DecoderLayers::run)
+      .def("run_ragged", &DecoderLayers::run_ragged);
 }
