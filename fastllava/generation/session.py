@@ -64,7 +64,7 @@ class DecodeSession:
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """Append one token per row (B,) and return the next logits (B, V)."""
-        tokens = tokens.to(self.model.device).view(-1, 1)
+        tokens = tokens.to(self.next_positions.device).view(-1, 1)  # the model's device (model.device walks modules)
         self.cache.reserve(1)  # grows by doubling, so capacities stay multiples of the bucket
         logits = self.step_runner(self.cache, tokens, self.next_positions[:, None])
         self.next_positions += 1
