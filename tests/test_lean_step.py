@@ -202,10 +202,35 @@ def test_several_sequences_over_their_own_caches_give_each_ones_logits(checkpoin
                                sessions[0][b].values[layer][:, :, :lengths[b] + 1])
 
 
-def test_several_sequences_need_a_model_without_sliding_windows_and_matching_inputs(checkpoint_factory):
-    lean = LeanStep.build(load(checkpoint_factory("clip_mistral")))
-    with pytest.raises(ValueError, match="only without sliding windows"):
-        lean.ragged([], torch.zeros(0, 1, dtype=torch.long), torch.zeros(0, 1, dtype=torch.long), [], None)
+def test_several_sequences_with_a_sliding_window_give_each_ones_logits(checkpoint_factory):
+    """A windowed model (clip_mistral: a window shorter than these sequences): each row's masks are its own."""
+    model = load(checkpoint_factory("clip_mistral"))
+    window = next(w for w in model.model.language_model.sliding_windows if w is not None)
+    lean = LeanStep.build(model)
+    lengths = (window + 5, 3)  # one past its window, one inside it
+    with torch.inference_mode():
+        runs = []
+        for use_ragged in (False, True):
+            caches, tokens = [], []
+            for seed, length in enumerate(lengths):
+                session = DecodeSession(model, 1, 64)
+                ids = torch.randint(5, 100, (1, length), generator=torch.Generator().manual_seed(seed))
+                tokens.append(session.extend(ids).argmax(-1).view(1, 1))
+                session.cache.valid[:, length] = True
+                session.cache.length = length + 1
+                caches.append(session.cache)
+            tokens = torch.cat(tokens)
+            positions = torch.tensor([[length] for length in lengths])
+            inv_freq = session.step_runner._inv_freq
+            if use_ragged:
+                runs.append(lean.ragged(caches, tokens, positions, list(lengths), inv_freq))
+            else:
+                runs.append(torch.cat([lean(cache, tokens[b:b + 1], positions[b:b + 1], lengths[b], inv_freq,
+                                            lengths[b] + 1) for b, cache in enumerate(caches)]))
+    assert torch.equal(runs[0], runs[1])
+
+
+def test_several_sequences_need_matching_inputs(checkpoint_factory):
     model = load(checkpoint_factory("siglip_qwen2"))
     lean = LeanStep.build(model)
     with torch.inference_mode():
@@ -217,3 +242,5 @@ def test_several_sequences_need_a_model_without_sliding_windows_and_matching_inp
         with pytest.raises(RuntimeError, match="2 rows need 2 slots"):  # one sequence's caches for two rows
             lean.decoder.run_ragged(x, cos, sin, cache.keys, cache.values, [3], [cache.valid[:, :4]] *
                                     len(cache.keys), len(cache.keys))
+        with pytest.raises(ValueError):  # a slot for each sequence
+            lean.ragged([cache, cache], torch.tensor([[8], [9]]), torch.tensor([[3], [3]]), [3], None)

@@ -12,7 +12,7 @@ instead (generation/lean_step.py: the same ops as the packed path, without the m
 layers, as ``generate()`` decodes). Measured (llava-interleave-qwen-0.5b, one request, 8-token prompt, two threads):
 bf16 35.7 -> 30.5 ms a token, int4 17.6 -> 10.4 ms (``generate()`` in the same processes: 30.8 / 10.6 ms).
 Requests decoding together (no prompt chunk in the step) take it too, each row attending over its own cache
-(``LeanStep.ragged``), in models without sliding windows: int4, 8-53-token prompts, 48 tokens each, 2 requests
+(``LeanStep.ragged``): int4, 8-53-token prompts, 48 tokens each, 2 requests
 97 -> 156 tok/s, 4 requests 138 -> 211.
 """
 
@@ -53,8 +53,7 @@ class ModelRunner:
 
     def _lean_decode(self, chunks) -> torch.Tensor | None:
         """(B, V) fp32 logits through the lean decode step when the step is B sequences' one new token each (no
-        image row, logits wanted, a RoPE that does not depend on the length; several sequences: no sliding
-        window); None otherwise."""
+        image row, logits wanted, a RoPE that does not depend on the length); None otherwise."""
         if not chunks or self.dynamic_rope:
             return None
         for chunk in chunks:
@@ -65,7 +64,7 @@ class ModelRunner:
         if self._lean is None or any(kv not in self._bound for kv in kvs):
             self._lean, self._bound = LeanStep.build(self.model), weakref.WeakSet(kvs)
         lean = self._lean
-        if lean is None or (len(chunks) > 1 and not lean.full_attention):
+        if lean is None:
             return None
         longest = max(chunk.end for chunk in chunks)
         if self._ones.shape[1] < longest:

@@ -124,37 +124,38 @@ class LeanStep:
         x = self.embed(tokens)  # (B, 1, C)
         cos, sin = rotary_cos_sin(self.config, positions, x.dtype, inv_freq)
         position = slot if isinstance(slot, int) else int(slot[0])  # the cache slot this step writes
-        if self.full_attention:
-            # the new token may see every valid slot, and no slot after it is valid (KVCache keeps
-            # valid[:, length:] False), so the decoder mask is the validity row itself: one view for every layer
-            # instead of ~6 small tensor ops a token
-            valid = [cache.valid[:, :kv_len]] * len(self.text.layers)
-        else:
-            slot_tensor = slot if isinstance(slot, torch.Tensor) else torch.tensor([slot], device=tokens.device)
-            masks = self.text.layer_masks(slot_tensor, cache.valid[:, :kv_len])  # (B, 1, 1, S) per layer
-            rows: dict[int, torch.Tensor] = {}  # layers of one window share their mask: one (B, S) view each
-            for mask in masks:
-                if id(mask) not in rows:
-                    rows[id(mask)] = mask.reshape(mask.shape[0], mask.shape[-1]).expand(batch, kv_len)
-            valid = [rows[id(mask)] for mask in masks]
+        slot_tensor = slot if isinstance(slot, torch.Tensor) or self.full_attention else torch.tensor(
+            [slot], device=tokens.device)
+        valid = self._layer_masks(cache.valid[:, :kv_len], slot_tensor, batch)
         # per layer: norm, q/k/v, RoPE + cache write + attention, o_proj, norm, gate/up, SiLU, down; then the
         # final norm and lm_head on the last position (kernels/decoder_layers.cpp)
         return self.decoder.run(x, cos, sin, cache.keys, cache.values, position, kv_len, valid)
 
+    def _layer_masks(self, valid: torch.Tensor, slot, batch: int) -> list[torch.Tensor]:
+        """Each layer's (B, kv_len) mask of the slots the new token sees, from the cache's validity row(s)."""
+        if self.full_attention:
+            # the new token may see every valid slot, and no slot after it is valid (KVCache keeps
+            # valid[:, length:] False), so the decoder mask is the validity row itself: one view for every layer
+            # instead of ~6 small tensor ops a token
+            return [valid] * len(self.text.layers)
+        masks = self.text.layer_masks(slot, valid)  # (B, 1, 1, S) per layer
+        rows: dict[int, torch.Tensor] = {}  # layers of one window share their mask: one (B, S) view each
+        for mask in masks:
+            if id(mask) not in rows:
+                rows[id(mask)] = mask.reshape(mask.shape[0], mask.shape[-1]).expand(batch, valid.shape[1])
+        return [rows[id(mask)] for mask in masks]
+
     def ragged(self, caches: list, tokens: torch.Tensor, positions: torch.Tensor, slots: list[int],
                inv_freq: torch.Tensor) -> torch.Tensor:
-        """Several sequences with caches of their own (the engine's; a model without sliding windows): tokens /
-        positions (B, 1); ``caches[b]`` has per-layer ``keys``/``values`` (1, H_kv, L, D) and a validity row
-        ``valid`` true up to ``slots[b]``, the slot row b's token writes -> fp32 logits (B, V), row b as ``__call__``
-        computes it for that sequence alone (the products see all rows at once, each row's sums unchanged)."""
-        if not self.full_attention:
-            raise ValueError("the lean step takes several sequences' caches only without sliding windows")
+        """Several sequences with caches of their own (the engine's): tokens / positions (B, 1); ``caches[b]`` has
+        per-layer ``keys``/``values`` (1, H_kv, L, D) and a validity row ``valid`` true up to ``slots[b]``, the
+        slot row b's token writes -> fp32 logits (B, V), row b as ``__call__`` computes it for that sequence alone
+        (the products see all rows at once, each row's sums unchanged)."""
         x = self.embed(tokens)
         cos, sin = rotary_cos_sin(self.config, positions, x.dtype, inv_freq)
-        layers = len(self.text.layers)
         keys, values, valid = [], [], []
         for cache, slot in zip(caches, slots, strict=True):
             keys += cache.keys
             values += cache.values
-            valid += [cache.valid[:, :slot + 1]] * layers
-        return self.decoder.run_ragged(x, cos, sin, keys, values, slots, valid, layers)
+            valid += self._layer_masks(cache.valid[:, :slot + 1], torch.tensor([slot], device=tokens.device), 1)
+        return self.decoder.run_ragged(x, cos, sin, keys, values, slots, valid, len(self.text.layers))
