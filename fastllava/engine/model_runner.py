@@ -12,8 +12,8 @@ instead (generation/lean_step.py: the same ops as the packed path, without the m
 layers, as ``generate()`` decodes). Measured (llava-interleave-qwen-0.5b, one request, 8-token prompt, two threads):
 bf16 35.7 -> 30.5 ms a token, int4 17.6 -> 10.4 ms (``generate()`` in the same processes: 30.8 / 10.6 ms).
 Requests decoding together (no prompt chunk in the step) take it too, each row attending over its own cache
-(``LeanStep.ragged``): int4, 8-53-token prompts, 48 tokens each, 2 requests
-97 -> 156 tok/s, 4 requests 138 -> 211.
+(``LeanStep.ragged``): int4, 8-53-token prompts, 48 tokens each, 2 requests 97 -> 156 tok/s, 4 requests 138 ->
+211.
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ class ModelRunner:
         caches = [_SequenceCache(kv, self._ones) for kv in kvs]
         if not lean.applies(caches[0], len(chunks)):
             return None
-        device = self.model.device
+        device = self._ones.device  # the model's (model.device walks the module tree)
         tokens = torch.tensor([[chunk.seq.token_ids[chunk.start]] for chunk in chunks], device=device)
         positions = torch.tensor([[chunk.start] for chunk in chunks], device=device)
         if len(chunks) == 1:

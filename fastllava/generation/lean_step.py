@@ -124,20 +124,21 @@ class LeanStep:
         x = self.embed(tokens)  # (B, 1, C)
         cos, sin = rotary_cos_sin(self.config, positions, x.dtype, inv_freq)
         position = slot if isinstance(slot, int) else int(slot[0])  # the cache slot this step writes
-        slot_tensor = slot if isinstance(slot, torch.Tensor) or self.full_attention else torch.tensor(
-            [slot], device=tokens.device)
-        valid = self._layer_masks(cache.valid[:, :kv_len], slot_tensor, batch)
+        valid = self._layer_masks(cache.valid[:, :kv_len], slot, batch)
         # per layer: norm, q/k/v, RoPE + cache write + attention, o_proj, norm, gate/up, SiLU, down; then the
         # final norm and lm_head on the last position (kernels/decoder_layers.cpp)
         return self.decoder.run(x, cos, sin, cache.keys, cache.values, position, kv_len, valid)
 
-    def _layer_masks(self, valid: torch.Tensor, slot, batch: int) -> list[torch.Tensor]:
-        """Each layer's (B, kv_len) mask of the slots the new token sees, from the cache's validity row(s)."""
+    def _layer_masks(self, valid: torch.Tensor, slot: torch.Tensor | int, batch: int) -> list[torch.Tensor]:
+        """Each layer's (B, kv_len) mask of the slots the new token (at ``slot``) sees, from the cache's validity
+        row(s) ``valid`` (B, kv_len)."""
         if self.full_attention:
             # the new token may see every valid slot, and no slot after it is valid (KVCache keeps
             # valid[:, length:] False), so the decoder mask is the validity row itself: one view for every layer
             # instead of ~6 small tensor ops a token
             return [valid] * len(self.text.layers)
+        if not isinstance(slot, torch.Tensor):
+            slot = torch.tensor([slot], device=valid.device)
         masks = self.text.layer_masks(slot, valid)  # (B, 1, 1, S) per layer
         rows: dict[int, torch.Tensor] = {}  # layers of one window share their mask: one (B, S) view each
         for mask in masks:
@@ -157,5 +158,5 @@ class LeanStep:
         for cache, slot in zip(caches, slots, strict=True):
             keys += cache.keys
             values += cache.values
-            valid += self._layer_masks(cache.valid[:, :slot + 1], torch.tensor([slot], device=tokens.device), 1)
+            valid += self._layer_masks(cache.valid[:, :slot + 1], slot, 1)
         return self.decoder.run_ragged(x, cos, sin, keys, values, slots, valid, len(self.text.layers))

@@ -138,7 +138,8 @@ struct DecoderLayers : torch::CustomClassHolder {
   // cache and the (B, kv_len) masks); slot the cache row this step writes -> fp32 logits (B, V).
   at::Tensor run(at::Tensor x, const at::Tensor& cos, const at::Tensor& sin, std::vector<at::Tensor> keys,
                  std::vector<at::Tensor> values, int64_t slot, int64_t kv_len, const std::vector<at::Tensor>& valid) {
-    return forward(x, std::min({keys.size(), values.size(), valid.size()}), [&](const Layer& layer, size_t i, std::vector<at::Tensor>& qkv) {
+    const size_t caches = std::min({keys.size(), values.size(), valid.size()});
+    return forward(x, caches, [&](const Layer& layer, size_t i, std::vector<at::Tensor>& qkv) {
       return fastllava::decode_attention_step(qkv[0], qkv[1], qkv[2], cos, sin, keys[i], values[i], slot, kv_len,
                                               valid[i], layer.scale);
     });
