@@ -138,9 +138,20 @@ def test_chunked_prefill_keeps_decoding_streams_moving(model15):
     assert finals["b"].outputs[0].token_ids == expected_greedy(model15, long, 4)
 
 
-@pytest.mark.parametrize("caching", [False, True])
-def test_preemption_under_a_tiny_kv_budget_completes_everything(model15, caching):
+@pytest.fixture(scope="module")
+def model15_bf16(ck15):
+    return fastllava.LlavaForConditionalGeneration.from_pretrained(ck15, dtype=torch.bfloat16)
+
+
+@pytest.mark.parametrize("caching,dtype", [(False, "float32"), (True, "float32"), (True, "bfloat16")])
+def test_preemption_under_a_tiny_kv_budget_completes_everything(model15, model15_bf16, caching, dtype):
+    """float32 runs the packed path for every step; bf16 takes the lean decode step for decode-only steps, through
+    preemptions, recomputed prompts and adopted prefix storages."""
+    model15 = model15 if dtype == "float32" else model15_bf16
     prompts = make_prompts(model15.config.image_token_id, 6, seed=7, shared_prefix=caching)
+    if dtype == "bfloat16":
+        for prompt in prompts:
+            prompt["pixel_values"] = prompt["pixel_values"].bfloat16()
     params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
     per_token = Engine(model15, kv_cache_bytes=1 << 20).pool.bytes_per_token
     engine = Engine(model15, max_num_seqs=6, max_num_batched_tokens=32, kv_cache_bytes=128 * per_token,
@@ -150,6 +161,7 @@ def test_preemption_under_a_tiny_kv_budget_completes_everything(model15, caching
     finals, _ = run(engine, arrivals)
     stats = engine.stats()
     assert stats["preemptions"] > 0 and stats["requests_finished"] == 6
+    assert (engine.runner._lean is not None) == (dtype == "bfloat16")  # bound at the first decode-only step
     assert engine.pool.peak_bytes <= engine.pool.budget_bytes
     for i, prompt in enumerate(prompts):
         assert finals[f"r{i}"].outputs[0].token_ids == expected_greedy(model15, prompt, 40), f"request {i}"
