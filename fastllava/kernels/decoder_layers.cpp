@@ -159,6 +159,9 @@ struct DecoderLayers : torch::CustomClassHolder {
                 "fastllava DecoderLayers.run_ragged: ", batch, " rows need ", batch, " slots and ", batch, " x ",
                 layers, " caches and masks, and a RoPE row each; got ", slots.size(), " slots, ", keys.size(),
                 " key caches, ", values.size(), " value caches, ", valid.size(), " masks");
+    std::vector<at::Tensor> row_cos, row_sin;  // each row's RoPE table, sliced once for all layers
+    for (int64_t row = 0; row < x.size(0); ++row)
+      row_cos.push_back(cos.narrow(0, row, 1)), row_sin.push_back(sin.narrow(0, row, 1));
     return forward(x, static_cast<size_t>(layers), [&](const Layer& layer, size_t i, std::vector<at::Tensor>& qkv) {
       std::vector<at::Tensor> rows;
       rows.reserve(batch);
@@ -166,9 +169,9 @@ struct DecoderLayers : torch::CustomClassHolder {
         const auto row = static_cast<int64_t>(b);
         at::Tensor q = qkv[0].narrow(0, row, 1), k = qkv[1].narrow(0, row, 1);
         const size_t at = b * static_cast<size_t>(layers) + i;
-        rows.push_back(fastllava::decode_attention_step(q, k, qkv[2].narrow(0, row, 1), cos.narrow(0, row, 1),
-                                                        sin.narrow(0, row, 1), keys[at], values[at], slots[b],
-                                                        slots[b] + 1, valid[at], layer.scale));
+        rows.push_back(fastllava::decode_attention_step(q, k, qkv[2].narrow(0, row, 1), row_cos[b], row_sin[b],
+                                                        keys[at], values[at], slots[b], slots[b] + 1, valid[at],
+                                                        layer.scale));
       }
       return batch == 1 ? rows[0] : at::cat(rows, 0);
     });
